@@ -1,0 +1,348 @@
+"""Forward, gradient and parameter hooks that fill one accumulator per layer and step.
+
+`LayerHooks` owns every hook handle it registers and removes them all in `remove()`. It writes
+no attribute onto user modules. Tensors flowing from a layer to its normaliser and activation
+are matched by identity through weak references, so nothing here keeps an activation alive.
+"""
+
+import logging
+import weakref
+from functools import partial
+
+import torch
+
+from probe import stats
+from probe.discovery import (ACTIVATION_TYPES, PASS_THROUGH_TYPES, RELU_FAMILY_TYPES,
+                             fused_activation, is_agc, is_normaliser)
+
+logger = logging.getLogger(__name__)
+
+OUT_COLUMNS = [stats.SUM_INDEX[n] for n in ("out_sum", "out_sumsq", "out_count")]
+SPARSITY_COLUMNS = [stats.SUM_INDEX[n] for n in ("inactive_count", "sparsity_count",
+                                                 "active_samples")]
+COL = stats.SUM_INDEX
+
+
+def current_graph_task_id():
+    """Return the id of the backward pass running on this thread, or -1 outside backward."""
+    getter = getattr(torch._C, "_current_graph_task_id", None)
+    return getter() if getter is not None else -1
+
+
+class StepState:
+    """What the hooks collected during the current step; reset after each recorded step."""
+
+    def __init__(self):
+        self.accumulators = {}  # layer index -> float32 tensor [C, len(stats.SUMS)]
+        self.recorded_outside_backward = set()  # layer indices seen in a normal forward
+        self.recorded = set()  # layer indices whose forward was recorded in this step
+        self.flow = {}  # id(tensor) -> (weak reference, LayerSpec, stage)
+        self.grads = {}  # layer index -> weight gradient tensor held until the step ends
+        self.snapshots_taken = set()  # layer indices whose weights were copied this step
+        self.batch_size = None
+
+    def clear(self):
+        for accumulator in self.accumulators.values():
+            accumulator.zero_()
+        self.recorded_outside_backward.clear()
+        self.recorded.clear()
+        self.flow.clear()
+        self.grads.clear()
+        self.snapshots_taken.clear()
+        self.batch_size = None
+
+
+class LayerHooks:
+    """Registers the probe's hooks on a model and turns each call into partial sums.
+
+    Args:
+        layers: LayerSpec list from `probe.discovery.find_layers`.
+        model: the user's module (unwrapped), whose `training` flag gates recording.
+        on_error: called with the exception when a hook fails; hooks never raise unless it does.
+        record_eval: also record forward passes under `torch.no_grad()` or in eval mode.
+    """
+
+    def __init__(self, model, layers, on_error, record_eval=False, activation_hooks=True):
+        self.model = model
+        self.layers = layers
+        self.on_error = on_error
+        self.record_eval = record_eval
+        self.state = StepState()
+        self.recording = False
+        self.enabled = True
+        self.step_token = 0
+        self.next_depth = 0
+        self.snapshots = {}  # layer index -> weight copy before the optimiser step
+        self.handles = []
+
+        by_module = {id(spec.module): spec for spec in layers}
+        for spec in layers:
+            self.handles.append(spec.module.register_forward_hook(
+                partial(self.guarded, self.on_layer_forward, spec)))
+            weight = spec.module.weight
+            if weight.requires_grad:
+                self.handles.append(weight.register_post_accumulate_grad_hook(
+                    partial(self.guarded, self.on_weight_grad, spec)))
+
+        if not activation_hooks:
+            return
+        for module in model.modules():
+            if id(module) in by_module:
+                continue
+            if is_normaliser(module) or isinstance(module, ACTIVATION_TYPES + PASS_THROUGH_TYPES):
+                self.handles.append(module.register_forward_hook(
+                    partial(self.guarded, self.on_follower_forward)))
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.state.clear()
+        self.snapshots.clear()
+        self.enabled = False
+
+    def guarded(self, handler, *args):
+        """Run a hook body; report any exception instead of raising into the training loop."""
+        if not self.enabled:
+            return None
+        try:
+            handler(*args)
+        except Exception as error:  # noqa: BLE001 - the training loop must never see it
+            self.on_error(error)
+        return None
+
+    # Forward side ---------------------------------------------------------------------------
+
+    def should_record_forward(self, spec):
+        if not self.recording:
+            return False
+        if not self.record_eval and not (torch.is_grad_enabled() and self.model.training):
+            return False
+
+        # Gradient checkpointing runs a layer's forward again inside backward. Count that
+        # recomputation only when the normal forward was not recorded (reentrant checkpointing
+        # runs the first forward under no_grad).
+        if current_graph_task_id() != -1:
+            if spec.index in self.state.recorded_outside_backward:
+                return False
+        else:
+            self.state.recorded_outside_backward.add(spec.index)
+        self.state.recorded.add(spec.index)
+        return True
+
+    def accumulator(self, spec, like):
+        accumulator = self.state.accumulators.get(spec.index)
+        if accumulator is None:
+            accumulator = torch.zeros(spec.filters, len(stats.SUMS), dtype=torch.float32,
+                                      device=like.device)
+            self.state.accumulators[spec.index] = accumulator
+        return accumulator
+
+    def remember(self, tensor, spec, stage):
+        self.state.flow[id(tensor)] = (weakref.ref(tensor), spec, stage)
+
+    def source_of(self, inputs):
+        if not inputs or not isinstance(inputs[0], torch.Tensor):
+            return None
+        entry = self.state.flow.get(id(inputs[0]))
+        if entry is None or entry[0]() is not inputs[0]:
+            return None
+        return entry
+
+    def on_layer_forward(self, spec, module, inputs, output):
+        if not isinstance(output, torch.Tensor):
+            return
+        if spec.depth is None:
+            spec.depth = self.next_depth
+            self.next_depth += 1
+        if self.state.batch_size is None and output.dim() > 0:
+            self.state.batch_size = output.shape[0]
+        if not self.should_record_forward(spec):
+            return
+
+        values = stats.channels_second(output.detach(), spec.channel_dim)
+        accumulator = self.accumulator(spec, values)
+        if spec.normaliser is None:
+            add_output_sums(accumulator, values)
+        if spec.activation is None:
+            add_pre_activation_sums(accumulator, values)
+        self.remember(output, spec, "raw")
+
+        if output.requires_grad:
+            output.register_hook(partial(self.guarded, self.on_output_grad, spec,
+                                         self.step_token))
+
+    def on_follower_forward(self, module, inputs, output):
+        source = self.source_of(inputs)
+        if source is None or not isinstance(output, torch.Tensor):
+            return
+        _, spec, stage = source
+        if is_normaliser(module) and stage == "raw":
+            self.on_normaliser(spec, module, inputs[0], output)
+        elif isinstance(module, ACTIVATION_TYPES) and stage in ("raw", "normalised"):
+            self.on_activation(spec, module, inputs[0], output)
+        elif isinstance(module, PASS_THROUGH_TYPES):
+            self.remember(output, spec, stage)
+
+    def on_normaliser(self, spec, module, raw, output):
+        accumulator = self.state.accumulators[spec.index]
+        if spec.normaliser is None:
+            spec.normaliser, spec.normaliser_name = module, self.module_name(module)
+            accumulator[:, OUT_COLUMNS] = 0
+            accumulator[:, SPARSITY_COLUMNS] = 0
+            if fused_activation(module):
+                spec.activation, spec.activation_name = module, spec.normaliser_name
+        if spec.normaliser is not module:
+            return
+
+        raw_values = stats.channels_second(raw.detach(), spec.channel_dim)
+        out_values = stats.channels_second(output.detach(), spec.channel_dim)
+        samples = raw_values.shape[0]
+        if is_agc(module):
+            add_agc_sums(accumulator, module, out_values, samples)
+        else:
+            add_batch_norm_sums(accumulator, module, raw_values, out_values, samples)
+
+        if fused_activation(module):
+            add_pre_activation_sums(accumulator, out_values)
+            return
+        if spec.activation is None:
+            add_pre_activation_sums(accumulator, out_values)
+        self.remember(output, spec, "normalised")
+
+    def on_activation(self, spec, module, pre, output):
+        accumulator = self.state.accumulators[spec.index]
+        if spec.activation is None:
+            spec.activation, spec.activation_name = module, self.module_name(module)
+            accumulator[:, SPARSITY_COLUMNS] = 0
+        if spec.activation is not module:
+            return
+
+        post_values = stats.channels_second(output.detach(), spec.channel_dim)
+        if isinstance(module, RELU_FAMILY_TYPES):
+            add_relu_family_sums(accumulator, post_values)
+            return
+
+        # An in-place activation has overwritten its input. The activations that can run in
+        # place (leaky ReLU, ELU, SELU, CELU, hardtanh, ...) keep the sign of their input, so
+        # "pre-activation <= 0" is read from the output then.
+        pre_values = post_values if pre is output else stats.channels_second(
+            pre.detach(), spec.channel_dim)
+        accumulator[:, COL["inactive_count"]] += stats.nonpositive_count(pre_values)
+        accumulator[:, COL["sparsity_count"]] += pre_values.numel() / spec.filters
+        accumulator[:, COL["active_samples"]] += stats.active_sample_count(post_values)
+
+    def module_name(self, module):
+        for name, candidate in self.model.named_modules():
+            if candidate is module:
+                return name
+        return None
+
+    # Backward side --------------------------------------------------------------------------
+
+    def on_output_grad(self, spec, token, grad):
+        if token != self.step_token or spec.index not in self.state.accumulators:
+            return
+        values = stats.channels_second(grad, spec.channel_dim)
+        signal_sum, signal_sumsq = stats.gradient_signal_sums(values)
+        accumulator = self.state.accumulators[spec.index]
+        accumulator[:, COL["signal_sum"]] += signal_sum
+        accumulator[:, COL["signal_sumsq"]] += signal_sumsq
+
+    def on_weight_grad(self, spec, weight):
+        if not self.recording:
+            return
+        self.state.grads[spec.index] = weight.grad
+        if spec.index in self.state.snapshots_taken:
+            return
+        snapshot = self.snapshots.get(spec.index)
+        if snapshot is None or snapshot.shape != weight.shape:
+            snapshot = torch.empty_like(weight, memory_format=torch.preserve_format)
+            self.snapshots[spec.index] = snapshot
+        snapshot.copy_(weight.detach())
+        self.state.snapshots_taken.add(spec.index)
+
+    # End of step ----------------------------------------------------------------------------
+
+    def finish_step(self):
+        """Return (metrics [rows, len(METRICS)] on the device, layer mask) for this step."""
+        blocks, mask = [], []
+        for spec in self.layers:
+            accumulator = self.state.accumulators.get(spec.index)
+            present = accumulator is not None and spec.index in self.state.recorded
+            mask.append(present)
+            if present:
+                blocks.append(self.layer_metrics(spec, accumulator))
+        metrics = torch.cat(blocks) if blocks else None
+        return metrics, mask
+
+    def layer_metrics(self, spec, accumulator):
+        weight = spec.module.weight.detach()
+        weight_norm = stats.filter_norms(weight)
+        grad = self.state.grads.get(spec.index)
+        grad_norm = stats.filter_norms(grad) if grad is not None else torch.zeros_like(weight_norm)
+        if spec.index in self.state.snapshots_taken:
+            update_norm = stats.filter_norms(weight - self.snapshots[spec.index])
+        else:
+            update_norm = torch.zeros_like(weight_norm)
+        return stats.finalize_metrics(accumulator, grad_norm, weight_norm, update_norm)
+
+    def start_step(self, recording):
+        """Reset what the hooks collected and say whether the next step is recorded."""
+        self.state.clear()
+        self.step_token += 1
+        self.recording = recording
+
+
+def add_output_sums(accumulator, values):
+    total, sumsq, count = stats.output_sums(values)
+    accumulator[:, COL["out_sum"]] += total
+    accumulator[:, COL["out_sumsq"]] += sumsq
+    accumulator[:, COL["out_count"]] += count
+
+
+def add_pre_activation_sums(accumulator, values):
+    """Add sparsity sums for a layer with no activation module: values <= 0 count as inactive."""
+    accumulator[:, COL["inactive_count"]] += stats.nonpositive_count(values)
+    accumulator[:, COL["sparsity_count"]] += values.numel() / max(values.shape[1], 1)
+    accumulator[:, COL["active_samples"]] += stats.active_sample_count(values)
+
+
+def add_relu_family_sums(accumulator, values):
+    zeros, count, active = stats.relu_family_sums(values)
+    accumulator[:, COL["inactive_count"]] += zeros
+    accumulator[:, COL["sparsity_count"]] += count
+    accumulator[:, COL["active_samples"]] += active
+
+
+def add_batch_norm_sums(accumulator, norm, raw_values, out_values, samples):
+    gain, batch_variance = stats.batch_norm_gain(norm, raw_values)
+    accumulator[:, COL["gain_sum"]] += gain * samples
+    accumulator[:, COL["gain_count"]] += samples
+
+    if batch_variance is None:
+        add_output_sums(accumulator, out_values)
+        return
+
+    # With batch statistics the normalised output has mean `bias` and mean square
+    # gain^2 * var + bias^2 exactly, which saves two passes over the output.
+    bias = norm.bias.detach().float() if norm.bias is not None else torch.zeros_like(gain)
+    count = out_values.numel() / max(out_values.shape[1], 1)
+    accumulator[:, COL["out_sum"]] += bias * count
+    accumulator[:, COL["out_sumsq"]] += (gain.square() * batch_variance + bias.square()) * count
+    accumulator[:, COL["out_count"]] += count
+
+
+def add_agc_sums(accumulator, norm, out_values, samples):
+    gain = getattr(norm, "last_gain", None)
+    if gain is not None:
+        accumulator[:, COL["gain_sum"]] += gain.float() * samples
+        accumulator[:, COL["gain_count"]] += samples
+    if fused_activation(norm):
+        # Leaky ReLU is invertible: the pre-activation is the output divided by the slope
+        # where it is negative.
+        slope = float(getattr(norm, "negative_slope", 0.01))
+        pre_values = torch.where(out_values >= 0, out_values, out_values / slope)
+        add_output_sums(accumulator, pre_values)
+    else:
+        add_output_sums(accumulator, out_values)
