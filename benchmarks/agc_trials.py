@@ -33,6 +33,8 @@ from probe.agc import AutoGainControl
 from probe.models import build_model
 
 SEEDS = (0, 1, 2)
+DEFAULT_MEAN_SCALE = 0.5
+DEFAULT_GAIN = 1.0
 INITS = ((0.95, 1.0), (0.1, 1.0), (0.5, 2.0), (0.1, 2.0))
 CHANCE_ACCURACY = 0.1
 DIVERGED_ACCURACY = 0.2
@@ -131,19 +133,31 @@ def accuracy(model, data, per_sample_train_mode=False):
     return (predictions == test_y).float().mean().item()
 
 
-def planned_runs(trial, lrs, lrs_batch1):
+def planned_runs(args):
+    """List the runs of ``args.trial``; AGC runs carry their initial ``a`` and ``gamma``."""
+    mean_scale, gain = args.agc_init
     runs = []
-    if trial in ("batch64", "all"):
-        runs += [dict(trial="batch64", norm=norm, lr=lr, seed=seed, batch=64, epochs=5)
-                 for norm in ("agc", "batchnorm") for lr in lrs for seed in SEEDS]
-    if trial in ("batch1", "all"):
-        runs += [dict(trial="batch1", norm=norm, lr=lr, seed=seed, batch=1, epochs=1)
-                 for norm in ("agc", "batchnorm") for lr in lrs_batch1 for seed in SEEDS]
-    if trial in ("init", "all"):
+    for trial, batch, epochs, lrs in (("batch64", 64, 5, args.lrs), ("batch1", 1, 1, args.lrs_batch1)):
+        if args.trial not in (trial, "all"):
+            continue
+        for norm in args.norms:
+            init = dict(mean_scale=mean_scale, gain=gain) if norm == "agc" else {}
+            runs += [dict(trial=trial, norm=norm, lr=lr, seed=seed, batch=batch, epochs=epochs, **init)
+                     for lr in lrs for seed in SEEDS]
+    if args.trial in ("init", "all"):
         runs += [dict(trial="init", norm="agc", lr=lr, seed=0, batch=64, epochs=5,
-                      mean_scale=mean_scale, gain=gain)
-                 for mean_scale, gain in INITS for lr in lrs]
+                      mean_scale=init_scale, gain=init_gain)
+                 for init_scale, init_gain in args.inits for lr in args.lrs]
     return runs
+
+
+def parse_init(text):
+    """Parse ``"a,gamma"`` into (a, gamma)."""
+    try:
+        mean_scale, gain = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid init {text!r}: expected 'a,gamma', such as 0.5,1.0")
+    return mean_scale, gain
 
 
 def run_key(run):
@@ -171,7 +185,7 @@ def run_trials(args):
     done = {run_key(json.loads(line)) for line in out.read_text().splitlines()} if out.exists() else set()
     data = load_mnist5k()
 
-    for run in planned_runs(args.trial, args.lrs, args.lrs_batch1):
+    for run in planned_runs(args):
         run["width"] = args.width
         if run_key(run) in done:
             continue
@@ -182,9 +196,13 @@ def run_trials(args):
 
 
 def summarise(path):
-    results = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    results = {}
+    for line in Path(path).read_text().splitlines():
+        result = json.loads(line)
+        results.setdefault(run_key(result), result)  # a run finished twice counts once
+
     groups = {}
-    for result in results:
+    for result in results.values():
         key = (result["trial"], result["norm"], result["batch"], result["lr"],
                result.get("mean_scale", 0.5), result.get("gain", 1.0))
         groups.setdefault(key, []).append(result)
@@ -211,6 +229,12 @@ def main():
                         help="learning rates of the batch-64 grid")
     parser.add_argument("--lrs-batch1", type=float, nargs="+", default=[0.005, 0.001],
                         help="learning rates of the batch-1 grid")
+    parser.add_argument("--norms", nargs="+", choices=("agc", "batchnorm"), default=["agc", "batchnorm"],
+                        help="normalisers of the batch64 and batch1 trials")
+    parser.add_argument("--agc-init", type=parse_init, default=(DEFAULT_MEAN_SCALE, DEFAULT_GAIN),
+                        help="initial a,gamma of AGC in the batch64 and batch1 trials")
+    parser.add_argument("--inits", type=parse_init, nargs="+", default=list(INITS),
+                        help="initial a,gamma pairs of the init trial")
     parser.add_argument("--width", type=int, default=16, help="small CNN width (first layer filters)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--out", default="benchmarks/out/agc_trials.jsonl", help="JSON lines file")

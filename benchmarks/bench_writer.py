@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench_writer.py [--filters 4000] [--steps 1000] [--rounds 3]
+    python benchmarks/bench_writer.py [--filters 4000] [--steps 1000] [--rounds 3] [--run RUN_DIR]
 
 The data imitate a CNN trained with batch norm: each filter's metrics drift smoothly over the
 steps, the batch-dependent ones carry sampling noise, and about 1 in 10,000 values is NaN or Inf.
@@ -23,13 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from probe import schema  # noqa: E402
-from probe.writer import FILTER_PARQUET_OPTIONS, FilterBatch, RunWriter  # noqa: E402
+from probe.writer import FILTER_PARQUET_OPTIONS, FilterBatch, RunWriter, write_filters_part  # noqa: E402
 
 TARGET_ROWS_PER_S = 10e6
 TARGET_BYTES_PER_ROW = 20.0
@@ -42,10 +43,10 @@ def realistic_filter_values(n_filters: int, n_steps: int, seed: int = 0, batch: 
                             positions: int = 196) -> np.ndarray:
     """Return synthetic per-filter metrics, [n_steps, n_filters, len(METRICS)] float32.
 
-    Each filter has its own smooth random walk; noise levels follow where the value comes from:
-    batch statistics (gain, sparsity, effective batch) vary by a few per cent between steps,
-    gradient norms by about 20 %, while out_rms and out_mean of a batch-norm layer follow its
-    slowly changing affine parameters.
+    Each filter has its own smooth random walk, and the noise of a metric follows its source.
+    Batch statistics (gain, sparsity, effective batch) vary by 0.5 to 2 % between steps and
+    gradient norms by about 20 %. The out_rms and out_mean of a batch-norm layer follow its
+    slowly changing affine parameters. A real small_cnn run gives about the same bytes per row.
     """
     rng = np.random.default_rng(seed)
     shape = (n_steps, n_filters)
@@ -99,7 +100,8 @@ def time_writer_thread(data: np.ndarray, layers: list[dict], flush_every_steps: 
             writer.add_filters(step, data[step])
         writer.close()
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        assert writer.error is None and writer.dropped_steps == 0
+        assert writer.error is None, writer.error
+        assert writer.dropped_steps == 0
         size = sum(path.stat().st_size for path in Path(folder, schema.FILTERS_DIR).rglob(schema.PART_GLOB))
     return wall, cpu, size
 
@@ -111,9 +113,9 @@ def table_builder(folder: str, layers: list[dict]) -> RunWriter:
     return writer
 
 
-def time_format(data: np.ndarray, layers: list[dict], flush_every_steps: int, options: dict,
+def time_format(data: np.ndarray, layers: list[dict], flush_every_steps: int, write,
                 step_major: bool) -> tuple[float, float, int]:
-    """Write ``data`` as parts with Parquet ``options``; returns (build CPU s, write CPU s, bytes).
+    """Write ``data`` as parts with the function ``write``; returns (build CPU s, write CPU s, bytes).
 
     Times are process CPU seconds, so other programs on the machine do not inflate them.
     """
@@ -133,20 +135,41 @@ def time_format(data: np.ndarray, layers: list[dict], flush_every_steps: int, op
 
             path = Path(folder, f"part-{index}.parquet")
             start = time.process_time()
-            pq.write_table(table, path, **options)
+            write(table, path)
             write_s += time.process_time() - start
             size += path.stat().st_size
     return build_s, write_s, size
 
 
 FLOAT_METRICS = [m for m in schema.METRICS if m not in schema.INTEGER_METRICS]
+def parquet_writer(**options):
+    """Return a function that writes a whole table with pq.write_table and ``options``."""
+    def write(table, path):
+        pq.write_table(table, path, **options)
+    return write
+
+
+def write_row_group_per_layer(table, path):
+    """Write a part with one row group per layer and layer statistics, for comparison."""
+    codes = table["layer"].combine_chunks().indices.to_numpy()
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(codes)) + 1])
+    ends = np.append(starts[1:], len(codes))
+    options = {**FILTER_PARQUET_OPTIONS, "write_statistics": ["step", "layer"]}
+    options.pop("row_group_size")
+    with pq.ParquetWriter(path, table.schema, **options) as writer:
+        for start, end in zip(starts, ends):
+            writer.write_table(table.slice(start, end - start), row_group_size=end - start)
+
+
+PLAIN_FLOATS = {"step": "DELTA_BINARY_PACKED", "filter": "DELTA_BINARY_PACKED"}
 FORMATS = {
-    "chosen: zstd-1, byte-stream-split floats, (layer, filter, step) order": (FILTER_PARQUET_OPTIONS, False),
-    "same options, rows in (step, layer, filter) order": (FILTER_PARQUET_OPTIONS, True),
-    "zstd-1, plain floats": ({**FILTER_PARQUET_OPTIONS, "column_encoding": {"step": "DELTA_BINARY_PACKED", "filter": "DELTA_BINARY_PACKED"}}, False),
-    "zstd-3, byte-stream-split floats": ({**FILTER_PARQUET_OPTIONS, "compression_level": 3}, False),
-    "lz4, byte-stream-split floats": ({**FILTER_PARQUET_OPTIONS, "compression": "lz4", "compression_level": None}, False),
-    "pyarrow defaults (snappy, dictionary)": ({}, False),
+    "chosen: zstd-1, byte-stream-split floats, (layer, filter, step) order": (write_filters_part, False),
+    "same, rows in (step, layer, filter) order": (write_filters_part, True),
+    "same, a row group per layer with layer statistics": (write_row_group_per_layer, False),
+    "zstd-1, plain floats": (parquet_writer(**{**FILTER_PARQUET_OPTIONS, "column_encoding": PLAIN_FLOATS}), False),
+    "zstd-3, byte-stream-split floats": (parquet_writer(**{**FILTER_PARQUET_OPTIONS, "compression_level": 3}), False),
+    "lz4, byte-stream-split floats": (parquet_writer(**{**FILTER_PARQUET_OPTIONS, "compression": "lz4", "compression_level": None}), False),
+    "pyarrow defaults (snappy, dictionary)": (parquet_writer(), False),
 }
 
 
@@ -166,6 +189,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000, help="recorded steps")
     parser.add_argument("--flush-every-steps", type=int, default=100, help="steps per part")
     parser.add_argument("--rounds", type=int, default=3, help="repetitions of each configuration")
+    parser.add_argument("--run", type=Path, action="append", default=[],
+                        help="also print the bytes per row of this existing run folder (repeatable)")
     args = parser.parse_args()
 
     data = realistic_filter_values(args.filters, args.steps)
@@ -179,8 +204,8 @@ def main() -> None:
     format_runs: dict[str, list[tuple[float, float, int]]] = {name: [] for name in FORMATS}
     for _ in range(args.rounds):
         thread_runs.append(time_writer_thread(data, layers, args.flush_every_steps))
-        for name, (options, step_major) in FORMATS.items():
-            format_runs[name].append(time_format(data, layers, args.flush_every_steps, options, step_major))
+        for name, (write, step_major) in FORMATS.items():
+            format_runs[name].append(time_format(data, layers, args.flush_every_steps, write, step_major))
 
     wall_s = statistics.median(wall for wall, _, _ in thread_runs)
     cpu_s = statistics.median(cpu for _, cpu, _ in thread_runs)
@@ -197,7 +222,46 @@ def main() -> None:
         print(f"| {name} | {rows / total_s / 1e6:.1f} (Parquet encoding alone {rows / write_s / 1e6:.1f}) | | "
               f"{runs[0][2] / rows:.2f} |")
     print()
+    print_layer_query_times(data, layers, args.flush_every_steps, args.rounds)
+    print()
     print_column_sizes(data, layers, args.flush_every_steps)
+    for run_dir in args.run:
+        print_run_size(run_dir)
+
+
+def print_run_size(run_dir: Path) -> None:
+    """Print the bytes per row of the filter parts of a recorded run, for comparison."""
+    parts = sorted(Path(run_dir, schema.FILTERS_DIR).rglob(schema.PART_GLOB))
+    rows = sum(pq.ParquetFile(path).metadata.num_rows for path in parts)
+    if rows == 0:
+        print(f"# {run_dir}: no filter rows")
+        return
+    size = sum(path.stat().st_size for path in parts)
+    print(f"# recorded run {run_dir}: {rows:,} rows in {len(parts)} parts, {size / rows:.2f} bytes/row")
+
+
+def print_layer_query_times(data: np.ndarray, layers: list[dict], flush_every_steps: int, rounds: int) -> None:
+    """Print how long DuckDB takes to read one layer's rows, with and without a row group per layer."""
+    layer = layers[len(layers) // 2]["name"]
+    sql = "SELECT * FROM read_parquet($files) WHERE layer = $layer"
+    print(f"| part layout | seconds to read layer {layer} (median of {rounds}) |")
+    print("|---|---|")
+    for name, write in (("one row group per part (chosen)", write_filters_part),
+                        ("a row group per layer", write_row_group_per_layer)):
+        with tempfile.TemporaryDirectory() as folder:
+            writer = table_builder(folder, layers)
+            files = []
+            for first in range(0, data.shape[0], flush_every_steps):
+                steps = range(first, min(first + flush_every_steps, data.shape[0]))
+                table = writer.build_filters_table([FilterBatch(step, data[step], b"") for step in steps])
+                files.append(str(Path(folder, f"part-{first}.parquet")))
+                write(table, files[-1])
+            times = []
+            for _ in range(rounds):
+                start = time.perf_counter()
+                duckdb.connect().sql(sql, params={"files": files, "layer": layer}).to_arrow_table()
+                times.append(time.perf_counter() - start)
+        print(f"| {name} | {statistics.median(times):.3f} |")
 
 
 def print_column_sizes(data: np.ndarray, layers: list[dict], flush_every_steps: int) -> None:
@@ -207,7 +271,7 @@ def print_column_sizes(data: np.ndarray, layers: list[dict], flush_every_steps: 
         writer = table_builder(folder, layers)
         table = writer.build_filters_table([FilterBatch(step, data[step], b"") for step in range(steps)])
         path = Path(folder, "part.parquet")
-        pq.write_table(table, path, **FILTER_PARQUET_OPTIONS)
+        write_filters_part(table, path)
         metadata = pq.ParquetFile(path).metadata
     sizes = {}
     for group in range(metadata.num_row_groups):

@@ -1,6 +1,6 @@
 """Deep Control dashboard: ``streamlit run dashboard/app.py`` (runs folder from $DEEPCONTROL_RUNS_DIR).
 
-The sidebar picks runs, the view and the refresh interval; the main area is one Streamlit
+The sidebar picks runs, the view and the refresh interval. The main area is one Streamlit
 fragment, so a live refresh reruns only the open view and keeps every selection.
 """
 

@@ -1,8 +1,8 @@
 """Plotly figures from the small DataFrames that ``dashboard.queries`` returns.
 
-Non-finite values get their own layer in every chart: a heatmap cell or a line point that
-covered a NaN is drawn as an ``x`` marker, +Inf as a triangle up and -Inf as a triangle down,
-on top of the finite data. Run, layer and config strings come from the user, so every string
+Non-finite values get their own layer in every chart. A heatmap cell or a line point that
+covered a NaN gets an ``x`` marker on top of the finite data, +Inf a triangle up and -Inf a
+triangle down. Run, layer and config strings come from the user, so every string
 placed in a figure goes through ``html.escape`` (Plotly renders a subset of HTML in labels).
 """
 
@@ -15,11 +15,14 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+# Count column, legend label, marker symbol and colour of each kind of non-finite value. The
+# colours are chosen to stand out against the Viridis and RdBu heatmap scales.
 NONFINITE_MARKERS = (
-    ("n_nan", "NaN", "x", "#d62728"),
-    ("n_posinf", "+Inf", "triangle-up", "#9467bd"),
-    ("n_neginf", "-Inf", "triangle-down", "#17becf"),
+    ("n_nan", "NaN", "x", "#ff0000"),
+    ("n_posinf", "+Inf", "triangle-up", "#ff7f0e"),
+    ("n_neginf", "-Inf", "triangle-down", "#ff00ff"),
 )
+MARKER_SIZE = 12
 SEQUENTIAL = "Viridis"
 DIVERGING = "RdBu_r"
 
@@ -54,7 +57,7 @@ def _nonfinite_traces(cells: pd.DataFrame, x: str, y_of) -> list[go.Scatter]:
         traces.append(
             go.Scatter(
                 x=hit[x], y=[y_of(v) for v in y_values(hit)], mode="markers", name=label,
-                marker=dict(symbol=symbol, color=colour, size=9, line=dict(width=1, color="black")),
+                marker=dict(symbol=symbol, color=colour, size=MARKER_SIZE, line=dict(width=1, color="black")),
                 customdata=hit[column], hovertemplate=f"{label}: %{{customdata}} value(s)<extra></extra>",
             )
         )
@@ -78,10 +81,10 @@ def heatmap(
     diverging: bool = False,
     height: int | None = None,
 ) -> go.Figure:
-    """Heatmap of ``cells`` with rows in the given order (``labels`` shown) and step buckets across.
+    """Draw ``cells`` as a heatmap with rows in the given order (``labels`` shown), steps across.
 
-    Cells whose finite values are all missing stay blank; cells that covered NaN/Inf values get
-    a marker on top, so a non-finite value is never hidden behind a colour.
+    Cells without a finite value stay blank. Cells that covered NaN/Inf values get a marker on
+    top, so a non-finite value is never hidden behind a colour.
     """
     rows, columns, matrix = heatmap_matrix(cells, row, rows)
     shown = [text(label) for label in labels]
@@ -97,7 +100,8 @@ def heatmap(
         figure.add_trace(trace)
     figure.update_yaxes(type="category", autorange="reversed", categoryorder="array", categoryarray=shown)
     figure.update_xaxes(title="step")
-    figure.update_layout(legend=dict(orientation="h", y=-0.15))
+    # Plotly hides a legend with a single entry; the marker legend must show even then.
+    figure.update_layout(showlegend=bool(figure.data[1:]), legend=dict(orientation="h", y=-0.2))
     return _layout(figure, title, height or max(320, min(900, 60 + 14 * len(rows))))
 
 
@@ -120,7 +124,10 @@ def ema(values: np.ndarray, weight: float) -> np.ndarray:
 def scalar_lines(
     frames: dict[str, pd.DataFrame], column: str, x: str, smoothing: float, log_y: bool
 ) -> go.Figure:
-    """One line per run of scalar ``column`` against ``x`` (step or wall_time), EMA-smoothed.
+    """Draw one line per run of scalar ``column`` against ``x`` (step or wall_time), EMA-smoothed.
+
+    Each frame has step, ``column`` and elapsed_s (seconds since its run started), which the
+    wall_time axis uses.
 
     Non-finite values break nothing: they are left out of the line and the EMA and drawn as
     markers at the run's last finite smoothed value (or 0 when there is none).
@@ -129,7 +136,7 @@ def scalar_lines(
     for run, frame in frames.items():
         if column not in frame:
             continue
-        xs = frame[x].to_numpy()
+        xs = frame["elapsed_s" if x == "wall_time" else x].to_numpy()
         raw = frame[column].to_numpy(dtype=float)
         smooth = ema(raw, smoothing)
         figure.add_trace(go.Scatter(x=xs, y=smooth, mode="lines", name=text(run), connectgaps=True))
@@ -145,7 +152,7 @@ def scalar_lines(
                 )
             )
     figure.update_yaxes(type="log" if log_y else "linear", title=text(column))
-    figure.update_xaxes(title="wall time (s)" if x == "wall_time" else "step")
+    figure.update_xaxes(title="wall time since the run started (s)" if x == "wall_time" else "step")
     return _layout(figure, column, 360)
 
 
@@ -221,7 +228,7 @@ def depth_profile(frames: dict[str, pd.DataFrame], statistic: str, title: str, l
 
 
 def filter_history(frame: pd.DataFrame, metrics: tuple[str, ...], title: str) -> go.Figure:
-    """One small line chart per metric of a single filter against step, NaN/Inf counts marked."""
+    """Draw one small line chart per metric of a single filter against step, NaN/Inf marked."""
     columns = 3
     rows = -(-len(metrics) // columns)
     figure = make_subplots(rows=rows, cols=columns, subplot_titles=[text(m) for m in metrics], shared_xaxes=True)

@@ -2,7 +2,7 @@
 gradients, a small effective batch and the first NaN/Inf, ranked by severity.
 
 Windows are counted in recorded steps (rows of one filter), not in training steps, because a
-probe recording every k steps sees a filter only once per k steps.
+probe recording every k steps records each filter once per k steps.
 """
 
 from __future__ import annotations
@@ -143,11 +143,11 @@ def recent_gains(filter_parts: Parts, records: int) -> pd.DataFrame:
 
 @st.cache_data(**CACHE)
 def layer_series(filter_parts: Parts, scalar_parts: Parts) -> pd.DataFrame:
-    """Per (layer, step): the layer's gradient norm and its median effective batch fraction.
+    """Per (layer, step): the layer's gradient norm and its mean effective batch fraction.
 
     ``grad_norm`` is the L2 norm over the layer's filters, sqrt(sum of squared filter norms),
-    over finite values. ``batch_fraction`` is the median over filters of effective_batch /
-    batch_size (NaN without a batch_size scalar). Columns: layer, step, grad_norm,
+    over finite values. ``batch_fraction`` is the mean over filters of effective_batch /
+    batch_size (NaN without a batch_size scalar); the mean needs no quantile pass over the run. Columns: layer, step, grad_norm,
     batch_fraction, batch_size.
     """
     grads = summaries.basic_stats(filter_parts, "grad_norm")
@@ -155,7 +155,7 @@ def layer_series(filter_parts: Parts, scalar_parts: Parts) -> pd.DataFrame:
         return pd.DataFrame(columns=["layer", "step", "grad_norm", "batch_fraction", "batch_size"])
     grads = grads.groupby(["layer", "step"], as_index=False, sort=False)["sumsq"].sum()
     grads["grad_norm"] = np.sqrt(grads["sumsq"])
-    fraction = queries.layer_step_stats(filter_parts, scalar_parts, queries.EFFECTIVE_BATCH_FRACTION, "median")
+    fraction = queries.layer_step_stats(filter_parts, scalar_parts, queries.EFFECTIVE_BATCH_FRACTION, "mean")
     fraction = fraction.rename(columns={"value": "batch_fraction"})[["layer", "step", "batch_fraction"]]
     series = grads.drop(columns="sumsq").merge(fraction, on=["layer", "step"], how="left")
     batch = queries.scalars(scalar_parts)
@@ -258,7 +258,7 @@ def _batch_findings(run: str, series: pd.DataFrame, rules: Thresholds) -> list[d
         if len(low):
             row = low.iloc[0]
             detail = (
-                f"median effective batch {row['batch_fraction']:.1%} of the batch size "
+                f"mean effective batch {row['batch_fraction']:.1%} of the batch size "
                 f"({int(row['batch_size'])}) at {len(low)} of {len(group)} records"
             )
             findings.append(_finding("small effective batch", run, row["step"], layer, None, detail, "layers", "effective_batch_fraction"))

@@ -5,9 +5,9 @@ Each query takes the run's part files as ``Parts`` (path, size, mtime) tuples, s
 Values are always passed as SQL parameters. Metric and statistic names cannot be parameters
 (they are identifiers), so they are checked against the fixed lists below before use.
 
-Non-finite values are never averaged in or dropped silently: every aggregate is taken over the
-finite values only, and each result row carries ``n_nan``, ``n_posinf`` and ``n_neginf``, the
-counts of NaN, +Inf and -Inf values it covered, which the charts draw as a separate layer.
+Non-finite values are never averaged in or dropped silently. Every aggregate is taken over the
+finite values only, and each result row has ``n_nan``, ``n_posinf`` and ``n_neginf``: the counts
+of NaN, +Inf and -Inf values it covered. The charts draw those counts as a separate layer.
 """
 
 from __future__ import annotations
@@ -118,8 +118,10 @@ def _run(sql: str, params: dict) -> pd.DataFrame:
         return con.execute(sql, params).df()
 
 
-def bucket_width(first: int, last: int, n_rows: int, max_cells: int = MAX_CELLS) -> int:
-    """Return the step bucket width (in steps) that keeps rows x buckets within ``max_cells``."""
+def bucket_width(first: int, last: int, n_rows: int, max_cells: int | None = None) -> int:
+    """Return the step bucket width (in steps) that keeps rows x buckets within ``max_cells``
+    (default ``MAX_CELLS``)."""
+    max_cells = MAX_CELLS if max_cells is None else max_cells
     max_columns = max(1, max_cells // max(1, n_rows))
     return max(1, math.ceil((last - first + 1) / max_columns))
 
@@ -146,7 +148,7 @@ def _merged_scalars(scalar_parts: Parts, rank: int) -> pd.DataFrame:
     """Merge the scalar rows of each step: per column its first non-null value in write order.
 
     Besides each value column ``c`` the result has ``c:logged``, True where the step has a
-    non-null value; pandas turns both NULL and NaN into NaN, and only this flag tells them apart.
+    non-null value. pandas turns both NULL and NaN into NaN, so only this flag distinguishes them.
     """
     parts = parts_of_rank(scalar_parts, rank)
     if not parts:
@@ -198,16 +200,11 @@ def parts_of_rank(parts: Parts, rank: int) -> Parts:
 
 
 def _batch_sizes(scalar_parts: Parts) -> pd.DataFrame:
-    """Return rank, step, batch_size for every rank's scalar parts."""
-    ranks = sorted({rank_of(part) for part in scalar_parts})
-    frames = []
-    for rank in ranks:
-        frame = scalars(scalar_parts, rank)
-        if "batch_size" in frame:
-            frames.append(frame[["step", "batch_size"]].assign(rank=rank))
-    if not frames:
+    """Return rank, step, batch_size (first non-null value of the step) of every rank."""
+    frame = summaries.batch_sizes(scalar_parts)
+    if frame.empty:
         return pd.DataFrame({"rank": pd.Series(dtype="int64"), "step": pd.Series(dtype="int64"), "batch_size": pd.Series(dtype="float64")})
-    return pd.concat(frames, ignore_index=True)
+    return frame.groupby(["rank", "step"], as_index=False, sort=False)["batch_size"].first()
 
 
 def layer_step_stats(filter_parts: Parts, scalar_parts: Parts, metric: str, statistic: str) -> pd.DataFrame:
@@ -230,7 +227,7 @@ def layer_step_stats(filter_parts: Parts, scalar_parts: Parts, metric: str, stat
         basic = basic.merge(quantiles, on=["rank", "layer", "step"], how="left")
     column = {"mean": "mean", "median": "median", "p10": "p10", "p90": "p90", "max": "max", "min": "min"}[statistic]
     frame = basic[["rank", "layer", "step", "n", "n_finite", "n_nan", "n_posinf", "n_neginf"]].copy()
-    frame["value"] = basic["mean"].astype(float)
+    frame["value"] = basic[column].astype(float)
 
     if metric == EFFECTIVE_BATCH_FRACTION:
         batch = _batch_sizes(scalar_parts)
@@ -261,9 +258,9 @@ def layer_heatmap(
 ) -> pd.DataFrame:
     """Aggregate ``metric`` per (layer, step bucket) with ``statistic`` over filters.
 
-    The statistic is taken over the filters at each recorded step; a bucket of several steps
-    then shows the mean of those per-step values (the max for "max", the min for "min"; the
-    finite-count-weighted mean for "mean", which equals the mean over all its values).
+    The statistic is taken over the filters at each recorded step. A bucket of several steps
+    shows the mean of those per-step values, except for "max" and "min" (the max and min of
+    them) and "mean" (weighted by finite counts, so it equals the mean over all its values).
     Buckets are ``width`` steps wide starting at step ``first``, so two runs queried with the
     same ``first`` and ``width`` line up bucket by bucket. Columns: layer, bucket,
     bucket_start (first step the bucket covers), step (first recorded step in the bucket),
@@ -292,13 +289,18 @@ def layer_heatmap(
 def filter_heatmap(
     filter_parts: Parts, scalar_parts: Parts, layer: str, metric: str, first: int, width: int
 ) -> pd.DataFrame:
-    """Mean of ``metric`` per (filter, step bucket) for one layer.
+    """Return the mean of ``metric`` per (filter, step bucket) for one layer.
 
-    Columns: filter, bucket, bucket_start, step, value, n, n_nan, n_posinf, n_neginf. With one recorded step
-    per bucket (the common case) the value is the filter's own value at that step.
+    Columns: filter, bucket, bucket_start, step, value, n, n_nan, n_posinf, n_neginf. With one
+    recorded step per bucket the value is the filter's own value at that step. Per-part sums
+    are cached (see ``summaries.filter_bucket_sums``), except for the effective batch
+    fraction, which needs the scalars and is queried directly.
     """
     if not filter_parts:
         return _empty_cells("filter")
+    if metric != EFFECTIVE_BATCH_FRACTION:
+        _check_metric(metric)
+        return _combine_bucket_sums(summaries.filter_bucket_sums(filter_parts, layer, metric, first, width), first, width)
     source, params = _filters_source(filter_parts, scalar_parts, metric)
     params.update(layer=str(layer), first=int(first), width=int(width))
     sql = f"""
@@ -310,9 +312,22 @@ def filter_heatmap(
     return _run(sql, params)
 
 
+def _combine_bucket_sums(sums: pd.DataFrame, first: int, width: int) -> pd.DataFrame:
+    """Add up per-part bucket sums; a bucket that spans two parts gets both parts' rows."""
+    if sums.empty:
+        return _empty_cells("filter")
+    cells = sums.groupby(["filter", "bucket"], as_index=False, sort=True).agg(
+        step=("step", "min"), total=("total", "sum"), n_finite=("n_finite", "sum"), n=("n", "sum"),
+        n_nan=("n_nan", "sum"), n_posinf=("n_posinf", "sum"), n_neginf=("n_neginf", "sum"),
+    )
+    cells["value"] = cells["total"] / cells["n_finite"].where(cells["n_finite"] > 0)
+    cells["bucket_start"] = int(first) + cells["bucket"] * int(width)
+    return cells[["filter", "bucket", "bucket_start", "step", "value", "n", "n_nan", "n_posinf", "n_neginf"]]
+
+
 @st.cache_data(**CACHE)
 def filter_history(filter_parts: Parts, layer: str, filter_index: int, width: int) -> pd.DataFrame:
-    """Every metric of one filter over time, averaged per step bucket of ``width`` steps.
+    """Return every metric of one filter over time, averaged per step bucket of ``width`` steps.
 
     Columns: step and one column per metric (mean over the finite values in the bucket) plus
     ``<metric>_nonfinite``, the number of NaN or Inf values the bucket contained.
@@ -362,20 +377,22 @@ def quantile_bands(
 def depth_profile(filter_parts: Parts, scalar_parts: Parts, metric: str, step: int) -> pd.DataFrame:
     """Statistics of ``metric`` over the filters of each layer at the last recorded step <= ``step``.
 
-    Columns: layer, step, mean, median, p10, p90, max, n, n_nan, n_posinf, n_neginf.
+    Columns: layer, step, mean, median, p10, p90, max, n, n_nan, n_posinf, n_neginf. Empty
+    when no step at or before ``step`` was recorded.
     """
-    if not filter_parts:
-        return pd.DataFrame({"layer": pd.Series(dtype=object)})
+    steps = summaries.recorded_steps(filter_parts)
+    steps = steps[steps <= int(step)]
+    if steps.empty:
+        return pd.DataFrame({"layer": pd.Series(dtype=object), "step": pd.Series(dtype="int64")})
     source, params = _filters_source(filter_parts, scalar_parts, metric)
-    params["step"] = int(step)
+    # A literal step lets DuckDB skip every part whose step range excludes it.
+    params["step"] = int(steps.iloc[-1])
     statistics = ", ".join(
         f"{sql} FILTER (WHERE isfinite(v)) AS {name}" for name, sql in STATISTICS.items() if name != "min"
     )
     sql = f"""
-        WITH src AS (SELECT * FROM {source}),
-             shown AS (SELECT max(step) AS step FROM src WHERE step <= $step)
-        SELECT layer, any_value(src.step) AS step, {statistics}, count(*) AS n, {NONFINITE_COUNTS}
-        FROM src JOIN shown ON src.step = shown.step GROUP BY layer
+        SELECT layer, any_value(step) AS step, {statistics}, count(*) AS n, {NONFINITE_COUNTS}
+        FROM {source} WHERE step = $step GROUP BY layer
     """
     return _run(sql, params)
 

@@ -1,7 +1,7 @@
 """Run discovery for the dashboard: which runs exist, their part files and what was skipped.
 
-Everything here goes through ``probe.store``; the dashboard never globs run folders itself, so a
-run name taken from a URL can only ever select a folder that ``list_runs`` returned.
+Everything here goes through ``probe.store``, and the dashboard never globs run folders itself.
+So a run name taken from a URL can only select a folder that ``list_runs`` returned.
 """
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from probe import schema
 from probe.store import Run, list_runs
 
@@ -20,6 +23,13 @@ log = logging.getLogger(__name__)
 
 RUNS_DIR_ENV = "DEEPCONTROL_RUNS_DIR"
 DEFAULT_RUNS_DIR = "runs"
+
+# Columns a part must have to be read; a Parquet file from another tool fails this check.
+FILTER_COLUMNS = (*schema.FILTER_KEYS, *schema.METRICS)
+SCALAR_COLUMNS = ("step",)
+# Results of the column check per part; cleared when it grows past this many parts.
+MAX_SCHEMA_CHECKS = 100_000
+_schema_checks: dict[tuple[str, int, int], str | None] = {}
 
 # One part file as a cache key: (path, size in bytes, modification time in ns). A part that is
 # rewritten or a new part changes the key, so cached query results never go stale.
@@ -29,7 +39,7 @@ Parts = tuple[Part, ...]
 
 @dataclass(frozen=True)
 class RunSource:
-    """What the dashboard needs of one run: metadata and the part files that passed validation."""
+    """One run as the dashboard reads it: metadata and the part files that passed validation."""
 
     name: str
     path: Path
@@ -38,10 +48,6 @@ class RunSource:
     layers: tuple[str, ...]
     filter_parts: Parts
     scalar_parts: Parts
-
-    @property
-    def batch_size(self) -> Any:
-        return (self.meta.get("config") or {}).get("batch_size")
 
 
 @dataclass
@@ -58,7 +64,24 @@ def runs_dir_from_env() -> Path:
     return Path(os.environ.get(RUNS_DIR_ENV) or DEFAULT_RUNS_DIR)
 
 
-def _part_keys(paths: list[Path]) -> Parts:
+def _schema_problem(part: Part, required: tuple[str, ...]) -> str | None:
+    """Return why a part's columns do not fit the table, or None; cached per part identity."""
+    if part in _schema_checks:
+        return _schema_checks[part]
+    if len(_schema_checks) > MAX_SCHEMA_CHECKS:
+        _schema_checks.clear()
+    try:
+        names = set(pq.read_schema(part[0]).names)
+        missing = [column for column in required if column not in names]
+        problem = f"not a Deep Control part: missing columns {', '.join(missing)}" if missing else None
+    except (OSError, pa.ArrowException) as exc:
+        problem = f"unreadable Parquet schema: {exc}"
+    _schema_checks[part] = problem
+    return problem
+
+
+def _part_keys(run: Run, paths: list[Path], required: tuple[str, ...], skipped: list[str]) -> Parts:
+    """Return the cache keys of the parts whose columns fit; add the others to ``skipped``."""
     keys = []
     for path in paths:
         try:
@@ -66,7 +89,12 @@ def _part_keys(paths: list[Path]) -> Parts:
         except OSError as exc:  # removed between listing and now
             log.warning("part file %s vanished while listing: %s", path, exc)
             continue
-        keys.append((str(path), stat.st_size, stat.st_mtime_ns))
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        problem = _schema_problem(key, required)
+        if problem is None:
+            keys.append(key)
+        else:
+            skipped.append(f"{run.name}: {path.relative_to(run.path)}: {problem}")
     return tuple(keys)
 
 
@@ -105,8 +133,8 @@ def load_catalog(root: Path) -> Catalog:
                 status=run.status,
                 meta=run.meta,
                 layers=_layer_names(run),
-                filter_parts=_part_keys(run.filter_files),
-                scalar_parts=_part_keys(run.scalar_files),
+                filter_parts=_part_keys(run, run.filter_files, FILTER_COLUMNS, skipped),
+                scalar_parts=_part_keys(run, run.scalar_files, SCALAR_COLUMNS, skipped),
             )
             skipped.extend(_describe_skipped(run))
 

@@ -1,8 +1,8 @@
 """Selections shared through the URL: widget keys <-> ``st.query_params``.
 
 On the first script run of a browser session the URL's values are copied into
-``st.session_state`` (the widgets read them from there); after every run the current widget
-values are written back to the URL, so copying the address shares the exact view. Every value
+``st.session_state``, where the widgets read them. After every run the current widget values
+are written back to the URL, so copying the address shares the exact view. Every value
 read from the URL is validated by the widget helpers below before a widget sees it, and run
 names are only ever matched against the runs that ``list_runs`` found.
 """
@@ -55,8 +55,8 @@ def url_value(key: str) -> Any:
 
 
 def _shadow(key: str) -> str:
-    # Streamlit deletes a widget's state when a run does not draw it (another view is open);
-    # the shadow copy keeps the selection for when the view comes back, and for the URL.
+    # Streamlit deletes a widget's state when a run does not draw it (another view is open).
+    # The shadow copy keeps the selection for the URL and for when the view comes back.
     return f"_kept_{key}"
 
 
@@ -102,8 +102,10 @@ def choose(key: str, options: Sequence, default: Any, convert=str) -> None:
             return
     if remembered(key) in options:
         st.session_state[key] = remembered(key)
+    elif default in options:
+        st.session_state[key] = default
     else:
-        st.session_state[key] = default if default in options else (options[0] if options else None)
+        st.session_state[key] = options[0] if options else None
 
 
 def choose_many(key: str, options: Sequence, default: list) -> None:

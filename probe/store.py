@@ -112,9 +112,9 @@ def create_run(
     versions, every, ...); name, status, created, heartbeat and format_version are set here.
 
     if_exists:
-        "error"  raise FileExistsError when the folder exists and is not empty;
-        "resume" reuse the folder, keep ``created`` and set the status back to running;
-        "new"    use the first free name among ``<name>-2``, ``<name>-3``, ...
+        - "error": raise FileExistsError when the folder exists and is not empty.
+        - "resume": reuse the folder, keep ``created`` and set the status back to running.
+        - "new": use the first free name among ``<name>``, ``<name>-2``, ``<name>-3``, ...
     """
     if if_exists not in IF_EXISTS_MODES:
         raise ValueError(f"if_exists={if_exists!r} is invalid; use one of {IF_EXISTS_MODES}")
@@ -360,14 +360,12 @@ class Run:
 
     def _query(self, files: list[Path], sql: str, params: dict) -> pd.DataFrame:
         try:
-            with duckdb.connect() as con:
-                return con.execute(sql, {**params, "files": [str(p) for p in files]}).df()
+            return _run_query(files, sql, params)
         except duckdb.Error:
             readable = self._drop_unreadable(files, sql, params)
             if not readable:
                 return pd.DataFrame()
-            with duckdb.connect() as con:
-                return con.execute(sql, {**params, "files": [str(p) for p in readable]}).df()
+            return _run_query(readable, sql, params)
 
     # --- queries -------------------------------------------------------------------------------
 
@@ -400,7 +398,8 @@ class Run:
         sql = (
             f"SELECT * FROM {_read_parquet_sql()}"
             + (f" WHERE {' AND '.join(where)}" if where else "")
-            + " ORDER BY step, rank, list_position($order, layer), layer, filter"
+            # Integer sort keys: ordering by the layer text is several times slower.
+            + " ORDER BY step, rank, list_position($order, layer), filter"
         )
         frame = self._query(files, sql, params)
         if frame.empty and len(frame.columns) == 0:
@@ -437,6 +436,17 @@ class Run:
         return names
 
 
+def _run_query(files: list[Path], sql: str, params: dict) -> pd.DataFrame:
+    """Run ``sql`` over ``files`` (the ``$files`` parameter) on a fresh connection.
+
+    Going through Arrow keeps float32 and int32 columns and is several times faster than
+    DuckDB's direct DataFrame conversion for text columns.
+    """
+    with duckdb.connect() as con:
+        result = con.sql(sql, params={**params, "files": [str(path) for path in files]})
+        return result.to_arrow_table().to_pandas()
+
+
 def _order_columns(frame: pd.DataFrame, first: list[str]) -> pd.DataFrame:
     leading = [c for c in first if c in frame.columns]
     return frame[leading + [c for c in frame.columns if c not in leading]]
@@ -467,7 +477,7 @@ def list_runs(root: str | os.PathLike) -> list[Run]:
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"runs folder {root} does not exist; pass the folder that holds your runs")
+        raise FileNotFoundError(f"runs folder {root} does not exist; pass the folder that contains your runs")
 
     runs, skipped = [], []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):

@@ -15,7 +15,7 @@ from probe.agc import (
     auto_gain_control_reference,
 )
 
-SHAPES = {1: (3, 4, 7), 2: (3, 4, 5, 6), 3: (2, 3, 3, 4, 2)}
+SHAPES = {1: (3, 4, 7), 2: (2, 3, 4, 3), 3: (2, 2, 2, 3, 2)}
 EPS = 1e-5
 SLOPE = 0.1
 

@@ -66,18 +66,33 @@ class ConvBiasNet(nn.Module):
 
 def test_conv_bias_dropped_only_when_redundant():
     model = ConvBiasNet()
-    with torch.no_grad():
-        model.bn.weight.fill_(3.0)
-        model.bn.bias.fill_(-0.5)
+    head_weight = model.head.weight.detach().clone()
 
     to_agc(model)
 
     assert model.conv.bias is None
     assert model.shared_conv.bias is not None
-    assert torch.equal(model.bn.weight, torch.full((3,), 3.0))
-    assert torch.equal(model.bn.bias, torch.full((3,), -0.5))
     assert isinstance(model.head, nn.Linear)
+    assert torch.equal(model.head.weight, head_weight)
     assert isinstance(model.act, nn.ReLU)
+
+
+@pytest.mark.parametrize("keep_affine", [False, True])
+def test_affine_copied_only_on_request(keep_affine):
+    model = ConvBiasNet()
+    with torch.no_grad():
+        model.bn.weight.fill_(3.0)
+        model.bn.bias.fill_(-0.5)
+    default = AutoGainControl(3)
+
+    to_agc(model, keep_affine=keep_affine)
+
+    expected_weight = torch.full((3,), 3.0) if keep_affine else default.weight
+    expected_bias = torch.full((3,), -0.5) if keep_affine else default.bias
+    assert isinstance(model.bn, AutoGainControl)
+    assert torch.equal(model.bn.weight, expected_weight)
+    assert torch.equal(model.bn.bias, expected_bias)
+    assert torch.equal(model.bn.mean_scale_logit, default.mean_scale_logit)
 
 
 class RegisteredOutOfOrder(nn.Module):
@@ -112,7 +127,7 @@ def test_pairs_follow_forward_not_module_order():
 
 
 def test_batch_norm_not_after_conv_named():
-    with pytest.raises(ValueError, match="cannot convert batch norm bn: its input is not"):
+    with pytest.raises(ValueError, match="cannot convert batch norm bn: in the traced forward pass it is not called, or its input"):
         to_agc(NormAfterPooling())
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -231,7 +232,8 @@ def test_compare_view_shared_scale_and_difference(runs_dir, monkeypatch):
     app = open_app(runs_dir, monkeypatch, view="compare", run=["base", "other"], metric="out_mean")
     a, b, diff = (figure["data"][0] for figure in figures(app)[:3])
 
-    assert a["zmin"] == b["zmin"] and a["zmax"] == b["zmax"], "one colour scale for both runs"
+    assert a["zmin"] == b["zmin"], "one colour scale for both runs"
+    assert a["zmax"] == b["zmax"], "one colour scale for both runs"
     means = {
         name: read_table(runs_dir / name, "filters").groupby(["layer", "step"])["out_mean"].mean().unstack("step")
         for name in ("base", "other")
@@ -305,7 +307,6 @@ def test_url_restores_selection(runs_dir, monkeypatch):
     assert app.selectbox(key="layer").value == "3"
     assert app.selectbox(key="filter").value == 5
     assert app.selectbox(key="sort").value == "final value"
-    assert app.query_params["layer"] == ["3"] or app.query_params["layer"] == "3"
 
 
 def test_url_with_unknown_values_is_ignored(runs_dir, monkeypatch):
@@ -326,7 +327,6 @@ def test_live_run_refresh_keeps_selection(tmp_path, monkeypatch):
         probe.writer.flush()
         app = open_app(tmp_path, monkeypatch, view="layers", run="live", metric="sparsity", stat="max", refresh="2")
         assert len(decode(figures(app)[0]["data"][0]["x"])) == 3
-        assert app.dataframe == [] or True
 
         train_steps(probe, model, optimizer, 4, seed=4)
         probe.writer.flush()
@@ -343,6 +343,7 @@ def test_bad_files_are_skipped_with_warning(runs_dir, tmp_path, monkeypatch):
     part_dir = tmp_path / "base" / "filters" / "rank=0"
     (part_dir / "part-000900.parquet").write_bytes(b"PAR1 not really parquet")
     (part_dir / "part-000901.parquet").write_bytes(b"")
+    pq.write_table(pa.table({"a": [1, 2], "b": ["x", "y"]}), part_dir / "part-000902.parquet")
     (tmp_path / "notes").mkdir()
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "run.json").write_text("{half a file")
@@ -352,6 +353,7 @@ def test_bad_files_are_skipped_with_warning(runs_dir, tmp_path, monkeypatch):
     skipped = "\n".join(t.value for t in app.text)
     assert "part-000900.parquet" in skipped
     assert "part-000901.parquet" in skipped
+    assert "part-000902.parquet: not a Deep Control part: missing columns step" in skipped
     assert "broken" in skipped
     heat = figures(app)[0]["data"][0]
     assert len(decode(heat["x"])) == STEPS, "every good part is still shown"
@@ -378,3 +380,67 @@ def test_html_in_run_name_is_text(runs_dir, tmp_path, monkeypatch):
     assert "<img" not in title
     assert "&lt;img src=x onerror=alert(1)&gt;" in title
     assert not app.get("html"), "no raw HTML element may carry user data"
+
+
+def test_scalars_wall_time_axis(runs_dir, monkeypatch):
+    app = open_app(runs_dir, monkeypatch, view="scalars", run="base", scalar="loss", x="wall_time")
+    trace = figures(app)[0]["data"][0]
+
+    scalars = merged_scalars(runs_dir / "base")
+    expected = scalars["wall_time"] - scalars["wall_time"].min()
+    np.testing.assert_allclose(decode(trace["x"]), expected.to_numpy(), rtol=1e-9, atol=1e-6)
+    assert figures(app)[0]["layout"]["xaxis"]["title"]["text"].startswith("wall time")
+
+
+def test_scalar_nan_and_inf_markers():
+    from dashboard import charts
+
+    frame = pd.DataFrame({"step": [0, 1, 2, 3], "elapsed_s": [0.0, 1.0, 2.0, 3.0],
+                          "loss": [2.0, float("nan"), float("inf"), 1.0]})
+    figure = charts.scalar_lines({"run": frame}, "loss", "step", 0.0, log_y=False)
+    traces = {trace.name: trace for trace in figure.data}
+
+    assert list(traces["run NaN"].x) == [1]
+    assert list(traces["run +Inf"].x) == [2]
+    assert "run -Inf" not in traces
+    np.testing.assert_array_equal(traces["run"].y, [2.0, np.nan, np.nan, 1.0])
+
+
+def test_part_cache_is_bounded_by_rows():
+    from dashboard.summaries import PartCache
+
+    cache = PartCache(max_rows=1_000)
+    for i in range(50):
+        cache.put((f"part-{i}", "basic"), pd.DataFrame({"x": np.arange(100)}))
+
+    assert cache.rows <= 1_000
+    assert len(cache) == 10
+    assert cache.get(("part-0", "basic")) is None, "the oldest parts are evicted first"
+    assert cache.get(("part-49", "basic")) is not None
+
+
+def test_step_buckets_when_cells_exceed_limit(runs_dir, monkeypatch):
+    from dashboard import queries
+
+    # 3 layers x 4 columns: 12 steps are merged into buckets of 3 steps.
+    monkeypatch.setattr(queries, "MAX_CELLS", 12)
+    app = open_app(runs_dir, monkeypatch, view="layers", run="base", metric="out_rms")
+    figure = figures(app)[0]
+    heat = figure["data"][0]
+
+    filters = read_table(runs_dir / "base", "filters")
+    filters["bucket"] = filters["step"] // 3 * 3
+    expected = filters.groupby(["layer", "bucket"])["out_rms"].mean().unstack("bucket")
+    assert decode(heat["x"]).tolist() == [0, 3, 6, 9]
+    assert "(3 steps per column)" in figure["layout"]["title"]["text"]
+    np.testing.assert_allclose(decode(heat["z"]), expected.loc[["0", "3", "7"]].to_numpy(), rtol=1e-5)
+
+    # 6 filters x 2 columns in the Filters view: buckets of 6 steps.
+    monkeypatch.setattr(queries, "MAX_CELLS", 12)
+    app.radio(key="view").set_value("filters").run()
+    app.selectbox(key="layer").set_value("3").run()
+    heat = figures(app)[0]["data"][0]
+    layer = filters[filters["layer"] == "3"].assign(bucket=lambda f: f["step"] // 6 * 6)
+    expected = layer.groupby(["filter", "bucket"])["out_rms"].mean().unstack("bucket")
+    assert decode(heat["x"]).tolist() == [0, 6]
+    np.testing.assert_allclose(decode(heat["z"]), expected.to_numpy(), rtol=1e-5)

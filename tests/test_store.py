@@ -7,6 +7,7 @@ import time
 import warnings
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from probe import schema, store
@@ -212,6 +213,30 @@ def test_damaged_run_reads_good_parts(tmp_path):
     assert "Parquet" in reasons[run_dir / "filters" / "rank=0" / "part-000093.parquet"]
 
 
+def test_corrupt_pages_skipped_at_query(tmp_path):
+    run_dir = make_run(tmp_path / "exp", steps=range(4))
+    store.update_meta(run_dir, status=schema.STATUS_FINISHED)
+    first = sorted((run_dir / "filters" / "rank=0").glob("part-*.parquet"))[0]
+    content = bytearray(first.read_bytes())
+    # Flip the bytes of every column chunk but keep the footer, so only a full read finds the damage.
+    metadata = pq.ParquetFile(first).metadata
+    for index in range(metadata.num_columns):
+        chunk = metadata.row_group(0).column(index)
+        start = chunk.dictionary_page_offset or chunk.data_page_offset
+        for i in range(start, start + chunk.total_compressed_size):
+            content[i] ^= 0x5A
+    first.write_bytes(bytes(content))
+
+    run = store.open_run(run_dir)
+    assert first in run.filter_files
+    with pytest.warns(UserWarning, match="part-000000.parquet") as caught:
+        filters = run.filters()
+    assert len(caught) == 1
+    assert sorted(set(filters["step"])) == [2, 3]
+    assert first not in run.filter_files
+    assert first in dict(run.skipped)
+
+
 def test_live_run_tmp_part_is_not_warned(tmp_path):
     run_dir = make_run(tmp_path / "exp", steps=range(2))
     (run_dir / "filters" / "rank=0" / ".part-000005.parquet.tmp").write_bytes(b"being written")
@@ -229,6 +254,21 @@ def test_refresh_sees_new_parts(tmp_path):
     write_steps(run_dir, range(2, 4))
     assert len(run.filter_files) == 1
     assert len(run.refresh().filter_files) == 2
+
+
+def test_ranks_are_separate_partitions(tmp_path):
+    run_dir = make_run(tmp_path / "exp", steps=range(2))
+    with RunWriter(run_dir, LAYERS, rank=1) as writer:
+        writer.add_filters(0, np.full((ROWS, len(schema.METRICS)), -1.0, dtype=np.float32))
+        writer.add_scalars({"step": 0, "loss": 9.0})
+
+    run = store.open_run(run_dir)
+    assert len(run.filters()) == 3 * ROWS
+    rank1 = run.filters(ranks=[1])
+    assert list(rank1["rank"]) == [1] * ROWS
+    assert list(rank1["gain"]) == [-1.0] * ROWS
+    assert list(run.scalars(rank=1)["loss"]) == [9.0]
+    assert list(run.scalars()["loss"]) == [1.0, 0.5]
 
 
 # --- list_runs ----------------------------------------------------------------------------------

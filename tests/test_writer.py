@@ -1,10 +1,11 @@
-"""RunWriter against real Parquet files: exact round trip, flush triggers, resume, failures, size."""
+"""RunWriter against real Parquet files: exact round trip, flush triggers, resume, failures, readers."""
 
 import logging
 import threading
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from probe import schema, store
@@ -20,9 +21,10 @@ ACTIVE = schema.METRICS.index("active_samples")
 
 
 def step_values(rng, rows):
-    """Random [rows, N_METRICS] float32 with NaN, +-Inf and -0.0 in the float metrics."""
+    """Random [rows, N_METRICS] float32 with NaN (also with payloads), +-Inf and -0.0 in the float metrics."""
     values = rng.normal(0, 10, (rows, N_METRICS)).astype(np.float32)
-    specials = np.array([np.nan, np.inf, -np.inf, -0.0], dtype=np.float32)
+    payload_nans = np.array([0x7FC00001, 0xFFC00000], dtype=np.uint32).view(np.float32)
+    specials = np.concatenate([np.array([np.nan, np.inf, -np.inf, -0.0], dtype=np.float32), payload_nans])
     hit = rng.random((rows, N_METRICS)) < 0.15
     values[hit] = rng.choice(specials, size=hit.sum())
     values[:, ACTIVE] = rng.integers(0, 129, rows)
@@ -115,8 +117,8 @@ def test_flush_by_steps(tmp_path):
 
     # The part of steps 0-2 is written when step 3 begins.
     writer.add_filters(3, step_values(rng, 13))
-    assert wait_for(lambda: len(finished_parts(tmp_path / "run")) == 1)
-    assert writer.last_flushed_step == 2
+    assert wait_for(lambda: writer.last_flushed_step == 2)
+    assert len(finished_parts(tmp_path / "run")) == 1
     assert len(finished_parts(tmp_path / "run", schema.SCALARS_DIR)) == 1
 
     writer.add_filters(4, step_values(rng, 13))
@@ -237,3 +239,13 @@ def test_reader_never_sees_partial_parts(tmp_path):
 def test_layer_names_must_be_unique(tmp_path):
     with pytest.raises(ValueError, match="unique"):
         RunWriter(tmp_path / "run", [{"name": "a", "filters": 1}, {"name": "a", "filters": 2}])
+
+
+def test_part_sorted_when_steps_arrive_unordered(tmp_path):
+    with RunWriter(tmp_path / "run", LAYERS, flush_every_steps=10) as writer:
+        for step in (5, 3, 4):
+            writer.add_filters(step, np.full((13, N_METRICS), step, dtype=np.float32))
+    table = pq.read_table(finished_parts(tmp_path / "run")[0])
+    assert table["step"].to_pylist()[:3] == [3, 4, 5]
+    assert table["gain"].to_pylist()[:3] == [3.0, 4.0, 5.0]
+    assert table["filter"].to_pylist()[:4] == [0, 0, 0, 1]

@@ -21,14 +21,21 @@ class Context:
 
 
 def ordered_layers(source: RunSource) -> list[str]:
-    """Return the run's layer names in depth order, then layers found only in the data, by name."""
-    in_data = queries.layer_filter_counts(source.filter_parts)["layer"].tolist()
-    known = [name for name in source.layers if name in set(in_data)]
-    return known + sorted(set(in_data) - set(known))
+    """Return the run's layer names in depth order (from run.json).
+
+    Only a run.json without a layer list (written by another tool) makes this read the data;
+    its layers are then sorted by name.
+    """
+    if source.layers:
+        return list(source.layers)
+    return sorted(queries.layer_filter_counts(source.filter_parts)["layer"].tolist())
 
 
 def filter_counts(source: RunSource) -> dict[str, int]:
-    """Return layer name -> number of filters seen in the data."""
+    """Return layer name -> number of filters, from run.json or else from the data."""
+    counts = {str(layer.get("name")): int(layer.get("filters") or 0) for layer in source.meta.get("layers") or []}
+    if counts and all(counts.values()):
+        return counts
     frame = queries.layer_filter_counts(source.filter_parts)
     return dict(zip(frame["layer"], frame["filters"].astype(int)))
 
@@ -77,10 +84,15 @@ def pick_layer(source: RunSource) -> str | None:
 
 
 def download_csv(frame: pd.DataFrame, name: str, key: str) -> None:
-    """Offer ``frame`` (the data behind one chart) as a CSV download."""
+    """Offer ``frame`` (the data behind one chart) as a CSV download.
+
+    The CSV text is built only when the button is clicked, because building it for every chart
+    on every rerun costs more than drawing the chart.
+    """
     file_name = re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:120] + ".csv"
     st.download_button(
-        "Download CSV", frame.to_csv(index=False).encode("utf-8"), file_name=file_name, mime="text/csv", key=key
+        "Download CSV", lambda: frame.to_csv(index=False).encode("utf-8"), file_name=file_name,
+        mime="text/csv", key=key, on_click="ignore",
     )
 
 

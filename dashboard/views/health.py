@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import health, queries, state
+from dashboard import health, queries
 from dashboard.views.common import Context, download_csv, filter_counts, pick_run
 
 

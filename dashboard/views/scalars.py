@@ -18,6 +18,12 @@ def scalar_frames(context: Context) -> dict[str, pd.DataFrame]:
     return {source.name: queries.scalars(source.scalar_parts) for source in context.selected}
 
 
+def with_elapsed(frame: pd.DataFrame, source) -> pd.DataFrame:
+    """Add ``elapsed_s``: seconds since the run's first scalar row (its wall_time)."""
+    start = queries.scalars(source.scalar_parts)["wall_time"].min()
+    return frame.assign(elapsed_s=frame["wall_time"] - start)
+
+
 def render(context: Context) -> None:
     st.header("Scalars")
     frames = scalar_frames(context)
@@ -43,7 +49,7 @@ def render(context: Context) -> None:
         log_y = st.checkbox("log scale", key="log_y")
 
     for column in chosen:
-        series = {s.name: queries.scalar_series(s.scalar_parts, column) for s in context.selected}
+        series = {s.name: with_elapsed(queries.scalar_series(s.scalar_parts, column), s) for s in context.selected}
         series = {name: frame for name, frame in series.items() if len(frame)}
         if not series:
             st.info(f"No selected run logged {column!r}.")
