@@ -249,7 +249,7 @@ def live_session(out: Path, refreshes: int) -> list[tuple[int, int, float, int]]
     from probe import store
     from probe.writer import RunWriter
 
-    runs_dir = out / "live-session"
+    runs_dir = out.parent / f"{out.name}-live"
     shutil.rmtree(runs_dir, ignore_errors=True)
     layers = [{"name": f"conv{i}", "type": "Conv2d", "filters": 64, "depth": i} for i in range(12)]
     store.create_run(runs_dir / "live", {"config": {}, "layers": layers, "every": 1})

@@ -163,7 +163,7 @@ def _nonfinite_masks(values: np.ndarray):
 
 
 def quantile_bands(frame: pd.DataFrame, title: str, log_y: bool) -> go.Figure:
-    """Filled bands min-max, p10-p90 and p25-p75 with the median line, against step."""
+    """Draw filled bands min-max, p10-p90 and p25-p75 with the median line, against step."""
     figure = go.Figure()
     bands = (("q0", "q100", "min-max", 0.12), ("q10", "q90", "p10-p90", 0.22), ("q25", "q75", "p25-p75", 0.35))
     for low, high, label, alpha in bands:
@@ -192,7 +192,7 @@ def quantile_bands(frame: pd.DataFrame, title: str, log_y: bool) -> go.Figure:
 
 
 def depth_profile(frames: dict[str, pd.DataFrame], statistic: str, title: str, log_y: bool) -> go.Figure:
-    """``statistic`` against layer depth, one line per run, with a p10-p90 band per run.
+    """Draw ``statistic`` against layer depth, one line per run, with p10-p90 error bars.
 
     Each frame has columns depth, layer, step, the statistics, n_nan, n_posinf, n_neginf.
     """

@@ -79,12 +79,12 @@ def part_paths(parts: Parts) -> list[str]:
 
 def _check_metric(metric: str) -> None:
     if metric not in HEATMAP_METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose one of {HEATMAP_METRICS}")
+        raise ValueError(f"invalid metric {metric!r}; choose one of {HEATMAP_METRICS}")
 
 
 def _check_statistic(statistic: str) -> None:
     if statistic not in STATISTICS:
-        raise ValueError(f"unknown statistic {statistic!r}; choose one of {tuple(STATISTICS)}")
+        raise ValueError(f"invalid statistic {statistic!r}; choose one of {tuple(STATISTICS)}")
 
 
 def _filters_source(filter_parts: Parts, scalar_parts: Parts, metric: str) -> tuple[str, dict]:
@@ -353,7 +353,7 @@ def filter_history(filter_parts: Parts, layer: str, filter_index: int, width: in
 def quantile_bands(
     filter_parts: Parts, scalar_parts: Parts, layer: str, metric: str, first: int, width: int
 ) -> pd.DataFrame:
-    """Quantiles of ``metric`` over the filters of one layer per step bucket.
+    """Return quantiles of ``metric`` over the filters of one layer per step bucket.
 
     Columns: step, q0, q10, q25, q50, q75, q90, q100 (over finite values), n, n_nan, n_posinf,
     n_neginf.
@@ -375,7 +375,7 @@ def quantile_bands(
 
 @st.cache_data(**CACHE)
 def depth_profile(filter_parts: Parts, scalar_parts: Parts, metric: str, step: int) -> pd.DataFrame:
-    """Statistics of ``metric`` over the filters of each layer at the last recorded step <= ``step``.
+    """Return statistics of ``metric`` over each layer's filters at the last recorded step <= ``step``.
 
     Columns: layer, step, mean, median, p10, p90, max, n, n_nan, n_posinf, n_neginf. Empty
     when no step at or before ``step`` was recorded.
@@ -385,7 +385,7 @@ def depth_profile(filter_parts: Parts, scalar_parts: Parts, metric: str, step: i
     if steps.empty:
         return pd.DataFrame({"layer": pd.Series(dtype=object), "step": pd.Series(dtype="int64")})
     source, params = _filters_source(filter_parts, scalar_parts, metric)
-    # A literal step lets DuckDB skip every part whose step range excludes it.
+    # The step comes from the cached step list, so the query needs no scan for max(step).
     params["step"] = int(steps.iloc[-1])
     statistics = ", ".join(
         f"{sql} FILTER (WHERE isfinite(v)) AS {name}" for name, sql in STATISTICS.items() if name != "min"

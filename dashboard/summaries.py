@@ -106,8 +106,8 @@ def _value(metric: str) -> str:
 
 
 def basic_stats(parts: Parts, metric: str) -> pd.DataFrame:
-    """Per (rank, layer, step): n, n_finite, mean, min, max, sumsq over the finite values of
-    ``metric``, and n_nan, n_posinf, n_neginf."""
+    """Return per (rank, layer, step): n, n_finite, and mean, min, max, sumsq over the finite
+    values of ``metric``, with n_nan, n_posinf, n_neginf."""
     v = _value(metric)
     sql = f"""
         SELECT filename, rank, layer, step, count(*) AS n, count(*) FILTER (WHERE isfinite({v})) AS n_finite,
@@ -121,7 +121,7 @@ def basic_stats(parts: Parts, metric: str) -> pd.DataFrame:
 
 
 def quantile_stats(parts: Parts, metric: str) -> pd.DataFrame:
-    """Per (rank, layer, step): p10, median and p90 of the finite values of ``metric``."""
+    """Return per (rank, layer, step): p10, median and p90 of the finite values of ``metric``."""
     v = _value(metric)
     sql = f"""
         SELECT filename, rank, layer, step, q[1] AS p10, q[2] AS median, q[3] AS p90 FROM (
@@ -147,8 +147,8 @@ def batch_sizes(scalar_parts: Parts) -> pd.DataFrame:
 
 
 def filter_bucket_sums(parts: Parts, layer: str, metric: str, first: int, width: int) -> pd.DataFrame:
-    """Per (filter, step bucket) of one layer: step (first in bucket), total and n_finite (sum
-    and count of the finite values), n, n_nan, n_posinf, n_neginf.
+    """Return per (filter, step bucket) of one layer: step (first in bucket), total and
+    n_finite (sum and count of the finite values), n, n_nan, n_posinf, n_neginf.
 
     Sums rather than means are stored so that buckets split across parts add up exactly.
     """

@@ -30,7 +30,7 @@ def current_graph_task_id():
 
 
 class StepState:
-    """What the hooks collected during the current step; reset after each recorded step."""
+    """Partial sums and references the hooks collected in the current step."""
 
     def __init__(self, layers):
         # All layers' partial sums in one float32 table [len(stats.SUMS), total filters], so a
@@ -299,8 +299,8 @@ class LayerHooks:
         if grad is None:
             grad = torch.zeros_like(weight)
         # Without a snapshot from this step's backward the weights did not change here.
-        taken = spec.index in self.state.snapshots_taken
-        before = self.snapshots[spec.index] if taken else weight
+        has_snapshot = spec.index in self.state.snapshots_taken
+        before = self.snapshots[spec.index] if has_snapshot else weight
         return torch.stack(stats.weight_norms(weight, grad, before))
 
     def row_order(self, mask, device):
@@ -318,7 +318,7 @@ class LayerHooks:
         return rows
 
     def start_step(self, recording):
-        """Reset what the hooks collected and say whether the next step is recorded."""
+        """Reset the collected values and set whether the next step is recorded."""
         self.state.clear()
         self.step_token += 1
         self.recording = recording

@@ -83,7 +83,7 @@ class Kernels:
     """The statistic kernels, eager or compiled with torch.compile into fused single passes.
 
     Compiled kernels read each tensor once (the eager count of non-zeros alone takes about 10x
-    a sum on CPU). The first call of each kernel compiles it, which takes seconds; a kernel
+    a sum on CPU). The first call of each kernel compiles it, which takes seconds. A kernel
     that fails to compile falls back to eager for the rest of the process, with one log line.
     """
 

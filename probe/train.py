@@ -81,6 +81,7 @@ class TrainResult:
     epoch_accuracies: list[float] = field(default_factory=list)
     diverged: bool = False
     diverged_step: int | None = None
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
 
     def summary(self) -> str:
         """Return a one-line summary for logs and the command line."""
@@ -94,7 +95,9 @@ class TrainResult:
         )
 
     def to_dict(self) -> dict:
-        row = asdict(self)
+        """Return the result without the model, as JSON-serialisable values."""
+        row = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "model"}
+        row["config"] = asdict(self.config)
         row["run_dir"] = str(self.run_dir) if self.run_dir is not None else None
         return row
 
@@ -157,6 +160,7 @@ def _train(config: TrainConfig, dataset: Dataset | None) -> TrainResult:
         epoch_accuracies=loop.accuracies,
         diverged=loop.diverged_step is not None,
         diverged_step=loop.diverged_step,
+        model=model,
     )
     logger.info("%s", result.summary())
     return result

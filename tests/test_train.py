@@ -1,5 +1,6 @@
 """Reference training loop: real short runs on scikit-learn digits, read back from disk."""
 
+import json
 import math
 
 import numpy as np
@@ -134,6 +135,14 @@ def test_train_without_recording(digits, runs_dir):
     result = train(digits_config(runs_dir, norm="batchnorm", epochs=1, record=False), digits)
     assert result.run_dir is None
     assert list(runs_dir.iterdir()) == []
+
+    result.model.eval()
+    with torch.no_grad():
+        predictions = result.model(digits.test_x).argmax(dim=1)
+    assert (predictions == digits.test_y).float().mean().item() == pytest.approx(result.test_accuracy)
+    row = json.loads(json.dumps(result.to_dict()))
+    assert row["config"]["norm"] == "batchnorm"
+    assert "model" not in row
 
 
 # --- configuration ------------------------------------------------------------------------
