@@ -29,13 +29,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from probe.agc import AutoGainControl
+from probe.agc import DEFAULT_MEAN_SCALE, DEFAULT_WEIGHT, AutoGainControl
 from probe.models import build_model
 
 SEEDS = (0, 1, 2)
-DEFAULT_MEAN_SCALE = 0.5
-DEFAULT_GAIN = 1.0
-INITS = ((0.95, 1.0), (0.1, 1.0), (0.5, 2.0), (0.1, 2.0))
+# Runs recorded before AGC runs carried their initial values used the layer's first defaults.
+FIRST_MEAN_SCALE, FIRST_GAIN = 0.5, 1.0
+INITS = (
+    (0.02, 1.0), (0.1, 1.0), (0.95, 1.0),
+    (0.1, 2.0), (0.25, 2.0), (0.5, 2.0),
+    (0.1, 4.0), (0.5, 4.0), (0.75, 4.0), (0.95, 4.0),
+    (0.5, 8.0),
+)
 CHANCE_ACCURACY = 0.1
 DIVERGED_ACCURACY = 0.2
 
@@ -143,7 +148,7 @@ def planned_runs(args):
         for norm in args.norms:
             init = dict(mean_scale=mean_scale, gain=gain) if norm == "agc" else {}
             runs += [dict(trial=trial, norm=norm, lr=lr, seed=seed, batch=batch, epochs=epochs, **init)
-                     for lr in lrs for seed in SEEDS]
+                     for lr in lrs for seed in args.seeds]
     if args.trial in ("init", "all"):
         runs += [dict(trial="init", norm="agc", lr=lr, seed=0, batch=64, epochs=5,
                       mean_scale=init_scale, gain=init_gain)
@@ -204,7 +209,7 @@ def summarise(path):
     groups = {}
     for result in results.values():
         key = (result["trial"], result["norm"], result["batch"], result["lr"],
-               result.get("mean_scale", 0.5), result.get("gain", 1.0))
+               result.get("mean_scale", FIRST_MEAN_SCALE), result.get("gain", FIRST_GAIN))
         groups.setdefault(key, []).append(result)
 
     print("| trial | norm | batch | init a, gamma | lr | seeds | mean test acc | per-sample eval | diverged | s/run |")
@@ -227,14 +232,16 @@ def main():
     parser.add_argument("--trial", choices=("batch64", "batch1", "init", "all"), default="all")
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.05, 0.01],
                         help="learning rates of the batch-64 grid")
-    parser.add_argument("--lrs-batch1", type=float, nargs="+", default=[0.005, 0.001],
+    parser.add_argument("--lrs-batch1", type=float, nargs="+", default=[0.01, 0.005, 0.002, 0.001],
                         help="learning rates of the batch-1 grid")
     parser.add_argument("--norms", nargs="+", choices=("agc", "batchnorm"), default=["agc", "batchnorm"],
                         help="normalisers of the batch64 and batch1 trials")
-    parser.add_argument("--agc-init", type=parse_init, default=(DEFAULT_MEAN_SCALE, DEFAULT_GAIN),
+    parser.add_argument("--agc-init", type=parse_init, default=(DEFAULT_MEAN_SCALE, DEFAULT_WEIGHT),
                         help="initial a,gamma of AGC in the batch64 and batch1 trials")
     parser.add_argument("--inits", type=parse_init, nargs="+", default=list(INITS),
                         help="initial a,gamma pairs of the init trial")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS),
+                        help="seeds of the batch64 and batch1 trials")
     parser.add_argument("--width", type=int, default=16, help="small CNN width (first layer filters)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--out", default="benchmarks/out/agc_trials.jsonl", help="JSON lines file")

@@ -1,8 +1,8 @@
 """Compare AutoGainControl with batch norm: training step time and bytes kept for backward.
 
 Step time: the ResNet of ``probe.models`` (width 32, so 32 to 128 filters) on random
-[N, 3, 32, 32] images, one SGD step (forward, backward, update) per sample, AGC and batch norm
-alternated in one process after warm-up steps; the table shows medians.
+[N, 3, 32, 32] images. Each timing covers one SGD step (forward, backward, update). AGC and
+batch norm alternate in one process after warm-up steps, and the table shows medians.
 
 Memory: a stack of ``conv 3x3 -> normaliser -> activation`` blocks, counting the bytes of the
 tensors autograd keeps for backward (``torch.autograd.graph.saved_tensors_hooks``), each storage
@@ -101,7 +101,7 @@ def print_table(rows):
     for name, baseline, value, unit, target in rows:
         ratio = value / baseline
         met = "yes" if ratio <= target else "no"
-        print(f"| {name} | {baseline:.4g} {unit} | {value:.4g} {unit} | {ratio:.2f}x | <= {target}x | {met} |")
+        print(f"| {name} | {baseline:.4g} {unit} | {value:.4g} {unit} | {ratio:.3f}x | <= {target}x | {met} |")
 
 
 def main():

@@ -56,9 +56,11 @@ STATISTICS = {
 LOGGED_SUFFIX = ":logged"
 BAND_QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 
-# Cached results are small (at most MAX_CELLS rows), and these bounds keep the server's memory
-# flat during a long live session where every refresh creates new keys.
-CACHE = dict(max_entries=48, ttl=3600, show_spinner=False)
+# Bounds of st.cache_data. A live refresh creates new keys, so without them the server's memory
+# would grow with every refresh. A heatmap result can have MAX_CELLS rows (about 7 MB), so the
+# functions that return heatmap cells keep fewer entries.
+CACHE = dict(max_entries=16, ttl=600, show_spinner=False)
+HEATMAP_CACHE = dict(max_entries=6, ttl=600, show_spinner=False)
 
 NONFINITE_COUNTS = """
     count(*) FILTER (WHERE isnan(v)) AS n_nan,
@@ -252,7 +254,7 @@ def _pool_ranks(frame: pd.DataFrame, statistic: str) -> pd.DataFrame:
     return pooled.drop(columns="weighted").assign(rank=0)
 
 
-@st.cache_data(**CACHE)
+@st.cache_data(**HEATMAP_CACHE)
 def layer_heatmap(
     filter_parts: Parts, scalar_parts: Parts, metric: str, statistic: str, first: int, width: int
 ) -> pd.DataFrame:
@@ -285,7 +287,7 @@ def layer_heatmap(
     return cells[["layer", "bucket", "bucket_start", "step", "value", "n", "n_nan", "n_posinf", "n_neginf"]]
 
 
-@st.cache_data(**CACHE)
+@st.cache_data(**HEATMAP_CACHE)
 def filter_heatmap(
     filter_parts: Parts, scalar_parts: Parts, layer: str, metric: str, first: int, width: int
 ) -> pd.DataFrame:

@@ -118,6 +118,8 @@ def load_catalog(root: Path) -> Catalog:
     if not root.is_dir():
         return Catalog(root=root, runs={}, skipped=[])
 
+    # NOTE: catch_warnings changes process-wide state, so two sessions listing at the same
+    # moment may each miss the other's warnings; skipped parts still come from Run.skipped.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         runs = list_runs(root)

@@ -176,7 +176,8 @@ def _add_dashboard(commands) -> None:
 
 
 def _add_start(commands) -> None:
-    command = commands.add_parser("start", help="run the demo if there are no runs, then serve the dashboard",
+    command = commands.add_parser("start",
+                                  help="run the demo if there are no runs, then serve the dashboard",
                                   description="Train the demo comparison when the runs folder has no "
                                   "runs yet, then serve the dashboard on 127.0.0.1.")
     _add_runs_dir(command)
@@ -331,12 +332,13 @@ def run_demo(
         results.append(result)
 
     print()
-    print(format_table(results_rows(results)))
+    print(format_table(results_rows(results, len(dataset.train_x))))
     print(f"\nRuns are in {runs_dir.resolve()}; view them with `deepcontrol dashboard {runs_dir}`.")
     return results
 
 
-def results_rows(results) -> list[dict]:
+def results_rows(results, train_images: int) -> list[dict]:
+    """Return one table row per training result; ``train_images`` is the full training set size."""
     rows = []
     for result in results:
         config = result.config
@@ -345,7 +347,8 @@ def results_rows(results) -> list[dict]:
             accuracy += f" (diverged at step {result.diverged_step})"
         rows.append({
             "norm": config.norm, "batch": config.batch_size, "epochs": config.epochs,
-            "train images": config.train_subset or "all", "peak lr": f"{config.lr:g}",
+            "train images": min(config.train_subset or train_images, train_images),
+            "peak lr": f"{config.lr:g}",
             "test accuracy": accuracy, "time (s)": f"{result.time_s:.1f}",
         })
     return rows

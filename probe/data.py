@@ -151,7 +151,9 @@ def _read_mnist5k(csv_path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DatasetError(f"{csv_path} has shape {table.shape}; expected {expected}")
     pixels, labels = table[:, :-1], table[:, -1]
     if pixels.min() < 0 or pixels.max() > 255 or not np.all(np.isin(labels, np.arange(10))):
-        raise DatasetError(f"{csv_path} has a pixel outside 0-255 or a label outside 0-9; expected {expected}")
+        raise DatasetError(
+            f"{csv_path} has a pixel outside 0-255 or a label outside 0-9; expected {expected}"
+        )
 
     images = (pixels / 255.0).astype(np.float32).reshape(-1, 1, 28, 28)
     return images, labels.astype(np.int64)
@@ -187,17 +189,23 @@ def _split_and_normalise(
     return _normalise(name, train, test, classes)
 
 
-def _normalise(name, train, test, classes) -> Dataset:
+def _normalise(
+    name: str,
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    classes: tuple[str, ...],
+) -> Dataset:
     """Normalise [0, 1] images per channel with the training split's mean and std."""
     train_x, train_y = train
     test_x, test_y = test
     mean = train_x.mean(axis=(0, 2, 3), dtype=np.float64)
     std = train_x.std(axis=(0, 2, 3), dtype=np.float64)
     std = np.where(std > 0, std, 1.0)
+    channel_mean = mean.astype(np.float32)[None, :, None, None]
+    channel_std = std.astype(np.float32)[None, :, None, None]
 
     def scale(x: np.ndarray) -> torch.Tensor:
-        shifted = (x - mean[None, :, None, None].astype(np.float32)) / std[None, :, None, None].astype(np.float32)
-        return torch.from_numpy(np.ascontiguousarray(shifted, dtype=np.float32))
+        return torch.from_numpy(np.ascontiguousarray((x - channel_mean) / channel_std, dtype=np.float32))
 
     dataset = Dataset(
         name=name,
@@ -221,7 +229,9 @@ def _require_folder(name: str, path: str | Path | None) -> Path:
         raise ValueError(f"dataset {name!r} needs a path: the folder that contains its files")
     folder = Path(path)
     if not folder.is_dir():
-        raise DatasetError(f"dataset folder {folder} not found; pass the folder that contains the {name} files")
+        raise DatasetError(
+            f"dataset folder {folder} not found; pass the folder that contains the {name} files"
+        )
     return folder
 
 
@@ -299,7 +309,10 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     Each record is 3,073 bytes: the label 0-9, then 1,024 red, 1,024 green and 1,024 blue
     pixel values, each plane row by row.
     """
-    expected = f"a CIFAR-10 binary batch of {CIFAR_RECORD_BYTES}-byte records (label 0-9, then 3x32x32 pixels)"
+    expected = (
+        f"a CIFAR-10 binary batch of {CIFAR_RECORD_BYTES}-byte records "
+        "(label 0-9, then 3x32x32 pixels)"
+    )
     if not path.is_file():
         raise DatasetError(
             f"CIFAR-10 file {path} not found; expected the folder to contain "

@@ -157,8 +157,8 @@ def test_train_command_prints_summary(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_quick_trains_five_runs(tmp_path, capsys):
-    status, out, _ = run_main(["demo", "--quick", "--runs-dir", str(tmp_path), "--threads", "1", "--no-progress"],
-                              capsys)
+    argv = ["demo", "--quick", "--runs-dir", str(tmp_path), "--threads", "1", "--no-progress"]
+    status, out, _ = run_main(argv, capsys)
     assert status == 0
 
     runs = {run.name: run for run in list_runs(tmp_path)}
@@ -172,6 +172,10 @@ def test_demo_quick_trains_five_runs(tmp_path, capsys):
     assert len(table) == 1 + 5
     assert "test accuracy" in table[0]
     assert "time (s)" in table[0]
+    for row in table[1:]:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[3] == "500", row
+        assert cells[5].endswith("%"), row
 
 
 # --- dashboard server ---------------------------------------------------------------------

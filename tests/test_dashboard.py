@@ -62,13 +62,17 @@ def record_run(run_dir: Path, lr: float, steps: int, seed: int) -> Path:
 
 
 @pytest.fixture(scope="session")
-def runs_dir(tmp_path_factory) -> Path:
+def recorded_runs(tmp_path_factory) -> Path:
     """Runs folder with "base", "other" (another seed and rate) and "diverged" (lr 1e12: Inf/NaN)."""
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("runs")
-    record_run(root / "base", lr=0.05, steps=STEPS, seed=0)
-    record_run(root / "other", lr=0.2, steps=STEPS, seed=1)
-    record_run(root / "diverged", lr=1e12, steps=6, seed=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        record_run(root / "base", lr=0.05, steps=STEPS, seed=0)
+        record_run(root / "other", lr=0.2, steps=STEPS, seed=1)
+        record_run(root / "diverged", lr=1e12, steps=6, seed=2)
+    finally:
+        torch.set_num_threads(threads)
     return root
 
 
@@ -102,8 +106,9 @@ def figures(app: AppTest) -> list[dict]:
     return [json.loads(element.proto.spec) for element in app.get("plotly_chart")]
 
 
-def open_app(runs_dir: Path, monkeypatch, **params) -> AppTest:
-    monkeypatch.setenv("DEEPCONTROL_RUNS_DIR", str(runs_dir))
+def open_app(root: Path, monkeypatch, **params) -> AppTest:
+    """Start the app on runs folder ``root`` with URL query parameters ``params``."""
+    monkeypatch.setenv("DEEPCONTROL_RUNS_DIR", str(root))
     app = AppTest.from_file(APP, default_timeout=60)
     for key, value in params.items():
         app.query_params[key] = value
@@ -115,22 +120,22 @@ def open_app(runs_dir: Path, monkeypatch, **params) -> AppTest:
 # --- views ------------------------------------------------------------------------------------
 
 
-def test_runs_view_lists_every_run(runs_dir, monkeypatch):
-    app = open_app(runs_dir, monkeypatch, view="runs")
+def test_runs_view_lists_every_run(recorded_runs, monkeypatch):
+    app = open_app(recorded_runs, monkeypatch, view="runs")
     table = app.dataframe[0].value.set_index("name")
 
     assert set(table.index) == {"base", "other", "diverged"}
     for name in table.index:
-        filters = read_table(runs_dir / name, "filters")
+        filters = read_table(recorded_runs / name, "filters")
         assert table.loc[name, "status"] == "finished"
         assert table.loc[name, "last step"] == filters["step"].max()
         assert table.loc[name, "recorded steps"] == filters["step"].nunique()
     assert json.loads(table.loc["other", "config"]) == {"lr": 0.2, "seed": 1}
 
 
-def test_scalars_view_plots_loss_and_ema(runs_dir, monkeypatch):
-    app = open_app(runs_dir, monkeypatch, view="scalars", run=["base", "other"], scalar="loss")
-    expected = merged_scalars(runs_dir / "base")
+def test_scalars_view_plots_loss_and_ema(recorded_runs, monkeypatch):
+    app = open_app(recorded_runs, monkeypatch, view="scalars", run=["base", "other"], scalar="loss")
+    expected = merged_scalars(recorded_runs / "base")
 
     loss = figures(app)[0]
     base_trace = next(t for t in loss["data"] if t["name"] == "base")
@@ -145,8 +150,8 @@ def test_scalars_view_plots_loss_and_ema(runs_dir, monkeypatch):
     np.testing.assert_allclose(smoothed, by_hand, rtol=1e-12)
 
 
-def test_scalar_logged_once_is_one_point(runs_dir, monkeypatch):
-    app = open_app(runs_dir, monkeypatch, view="scalars", run="base", scalar="test_accuracy")
+def test_scalar_logged_once_is_one_point(recorded_runs, monkeypatch):
+    app = open_app(recorded_runs, monkeypatch, view="scalars", run="base", scalar="test_accuracy")
     trace = figures(app)[0]["data"]
 
     assert len(trace) == 1, "a scalar logged at one step must not show NaN markers at the others"
@@ -155,12 +160,12 @@ def test_scalar_logged_once_is_one_point(runs_dir, monkeypatch):
 
 
 @pytest.mark.parametrize("statistic", ["mean", "median", "p90", "max"])
-def test_layers_view_matches_parquet(runs_dir, monkeypatch, statistic):
-    app = open_app(runs_dir, monkeypatch, view="layers", run="base", metric="grad_norm", stat=statistic)
+def test_layers_view_matches_parquet(recorded_runs, monkeypatch, statistic):
+    app = open_app(recorded_runs, monkeypatch, view="layers", run="base", metric="grad_norm", stat=statistic)
     figure = figures(app)[0]
     heat = figure["data"][0]
 
-    filters = read_table(runs_dir / "base", "filters")
+    filters = read_table(recorded_runs / "base", "filters")
     aggregate = {"mean": "mean", "median": "median", "p90": lambda v: v.quantile(0.9), "max": "max"}[statistic]
     expected = filters.groupby(["layer", "step"])["grad_norm"].agg(aggregate).unstack("step")
     assert decode(heat["y"]).tolist() == ["0", "3", "7"], "layers in depth order"
@@ -168,21 +173,21 @@ def test_layers_view_matches_parquet(runs_dir, monkeypatch, statistic):
     np.testing.assert_allclose(decode(heat["z"]), expected.loc[["0", "3", "7"]].to_numpy(), rtol=1e-5)
 
 
-def test_layers_view_effective_batch_fraction(runs_dir, monkeypatch):
-    app = open_app(runs_dir, monkeypatch, view="layers", run="base", metric="effective_batch_fraction")
+def test_layers_view_effective_batch_fraction(recorded_runs, monkeypatch):
+    app = open_app(recorded_runs, monkeypatch, view="layers", run="base", metric="effective_batch_fraction")
     heat = figures(app)[0]["data"][0]
 
-    filters = read_table(runs_dir / "base", "filters")
-    batch = merged_scalars(runs_dir / "base").set_index("step")["batch_size"]
+    filters = read_table(recorded_runs / "base", "filters")
+    batch = merged_scalars(recorded_runs / "base").set_index("step")["batch_size"]
     filters["fraction"] = filters["effective_batch"] / filters["step"].map(batch)
     expected = filters.groupby(["layer", "step"])["fraction"].mean().unstack("step")
     np.testing.assert_allclose(decode(heat["z"]), expected.loc[["0", "3", "7"]].to_numpy(), rtol=1e-5)
     assert np.nanmax(decode(heat["z"])) <= 1.0
 
 
-def test_filters_view_rows_sorting_and_history(runs_dir, monkeypatch):
-    app = open_app(runs_dir, monkeypatch, view="filters", run="base", layer=DEAD_LAYER, metric="active_samples")
-    filters = read_table(runs_dir / "base", "filters")
+def test_filters_view_rows_sorting_and_history(recorded_runs, monkeypatch):
+    app = open_app(recorded_runs, monkeypatch, view="filters", run="base", layer=DEAD_LAYER, metric="active_samples")
+    filters = read_table(recorded_runs / "base", "filters")
     layer = filters[filters["layer"] == DEAD_LAYER]
 
     heat = figures(app)[0]["data"][0]
@@ -205,37 +210,37 @@ def test_filters_view_rows_sorting_and_history(runs_dir, monkeypatch):
     assert titles[:3] == ["gain", "out_rms", "out_mean"]
 
 
-def test_distribution_view_quantiles(runs_dir, monkeypatch):
-    app = open_app(runs_dir, monkeypatch, view="distribution", run="other", layer="3", metric="out_rms")
+def test_distribution_view_quantiles(recorded_runs, monkeypatch):
+    app = open_app(recorded_runs, monkeypatch, view="distribution", run="other", layer="3", metric="out_rms")
     data = figures(app)[0]["data"]
     median = next(t for t in data if t.get("name") == "median")
 
-    layer = read_table(runs_dir / "other", "filters").query("layer == '3'")
+    layer = read_table(recorded_runs / "other", "filters").query("layer == '3'")
     expected = layer.groupby("step")["out_rms"].median()
     np.testing.assert_allclose(decode(median["y"]), expected.to_numpy(), rtol=1e-5)
     upper_p90 = decode(data[2]["y"])
     np.testing.assert_allclose(upper_p90, layer.groupby("step")["out_rms"].quantile(0.9).to_numpy(), rtol=1e-5)
 
 
-def test_depth_view_profile_at_step(runs_dir, monkeypatch):
-    app = open_app(runs_dir, monkeypatch, view="depth", run=["base", "other"], metric="weight_norm", step="5")
+def test_depth_view_profile_at_step(recorded_runs, monkeypatch):
+    app = open_app(recorded_runs, monkeypatch, view="depth", run=["base", "other"], metric="weight_norm", step="5")
     traces = [t for t in figures(app)[0]["data"] if t["mode"] == "lines+markers"]
 
     assert [t["name"] for t in traces] == ["base (step 5)", "other (step 5)"]
     for trace, name in zip(traces, ["base", "other"]):
-        at_step = read_table(runs_dir / name, "filters").query("step == 5")
+        at_step = read_table(recorded_runs / name, "filters").query("step == 5")
         expected = at_step.groupby("layer")["weight_norm"].mean().loc[["0", "3", "7"]]
         np.testing.assert_allclose(decode(trace["y"]), expected.to_numpy(), rtol=1e-5)
 
 
-def test_compare_view_shared_scale_and_difference(runs_dir, monkeypatch):
-    app = open_app(runs_dir, monkeypatch, view="compare", run=["base", "other"], metric="out_mean")
+def test_compare_view_shared_scale_and_difference(recorded_runs, monkeypatch):
+    app = open_app(recorded_runs, monkeypatch, view="compare", run=["base", "other"], metric="out_mean")
     a, b, diff = (figure["data"][0] for figure in figures(app)[:3])
 
     assert a["zmin"] == b["zmin"], "one colour scale for both runs"
     assert a["zmax"] == b["zmax"], "one colour scale for both runs"
     means = {
-        name: read_table(runs_dir / name, "filters").groupby(["layer", "step"])["out_mean"].mean().unstack("step")
+        name: read_table(recorded_runs / name, "filters").groupby(["layer", "step"])["out_mean"].mean().unstack("step")
         for name in ("base", "other")
     }
     all_values = np.concatenate([m.to_numpy().ravel() for m in means.values()])
@@ -245,8 +250,8 @@ def test_compare_view_shared_scale_and_difference(runs_dir, monkeypatch):
     np.testing.assert_allclose(decode(diff["z"]), expected, rtol=1e-4, atol=1e-7)
 
 
-def test_health_view_finds_dead_filter(runs_dir, monkeypatch):
-    app = open_app(runs_dir, monkeypatch, view="health", run="base")
+def test_health_view_finds_dead_filter(recorded_runs, monkeypatch):
+    app = open_app(recorded_runs, monkeypatch, view="health", run="base")
     findings = app.dataframe[0].value
 
     dead = findings[findings["finding"] == "dead filter"]
@@ -257,11 +262,11 @@ def test_health_view_finds_dead_filter(runs_dir, monkeypatch):
     assert dead.iloc[0]["link"] == f"?view=filters&run=base&metric=active_samples&layer={DEAD_LAYER}&filter={DEAD_FILTER}"
 
 
-def test_health_view_first_nonfinite_and_ranking(runs_dir, monkeypatch):
-    app = open_app(runs_dir, monkeypatch, view="health", run="diverged")
+def test_health_view_first_nonfinite_and_ranking(recorded_runs, monkeypatch):
+    app = open_app(recorded_runs, monkeypatch, view="health", run="diverged")
     findings = app.dataframe[0].value
 
-    filters = read_table(runs_dir / "diverged", "filters")
+    filters = read_table(recorded_runs / "diverged", "filters")
     metrics = [c for c in filters.columns if c not in ("step", "layer", "filter")]
     bad = filters[~np.isfinite(filters[metrics].to_numpy(dtype=float)).all(axis=1)]
     first = bad.sort_values(["step", "layer", "filter"]).iloc[0]
@@ -271,8 +276,8 @@ def test_health_view_first_nonfinite_and_ranking(runs_dir, monkeypatch):
     assert list(findings["severity"]) == sorted(findings["severity"], reverse=True)
 
 
-def test_health_finding_opens_its_view(runs_dir, monkeypatch):
-    app = open_app(runs_dir, monkeypatch, view="health", run="base")
+def test_health_finding_opens_its_view(recorded_runs, monkeypatch):
+    app = open_app(recorded_runs, monkeypatch, view="health", run="base")
     findings = app.dataframe[0].value
     index = int(findings.index[findings["finding"] == "dead filter"][0])
 
@@ -283,11 +288,11 @@ def test_health_finding_opens_its_view(runs_dir, monkeypatch):
     assert app.selectbox(key="filter").value == DEAD_FILTER
 
 
-def test_nonfinite_cells_get_markers(runs_dir, monkeypatch):
-    app = open_app(runs_dir, monkeypatch, view="layers", run="diverged", metric="weight_norm")
+def test_nonfinite_cells_get_markers(recorded_runs, monkeypatch):
+    app = open_app(recorded_runs, monkeypatch, view="layers", run="diverged", metric="weight_norm")
     data = figures(app)[0]["data"]
 
-    filters = read_table(runs_dir / "diverged", "filters")
+    filters = read_table(recorded_runs / "diverged", "filters")
     posinf = filters[np.isposinf(filters["weight_norm"])]
     expected = sorted(set(zip(posinf["step"], posinf["layer"])))
     marker = next(t for t in data if t.get("name") == "+Inf")
@@ -298,8 +303,8 @@ def test_nonfinite_cells_get_markers(runs_dir, monkeypatch):
 # --- URL, live runs, bad files ----------------------------------------------------------------
 
 
-def test_url_restores_selection(runs_dir, monkeypatch):
-    app = open_app(runs_dir, monkeypatch, view="filters", run=["other", "base"], focus="base",
+def test_url_restores_selection(recorded_runs, monkeypatch):
+    app = open_app(recorded_runs, monkeypatch, view="filters", run=["other", "base"], focus="base",
                    layer="3", metric="gain", filter="5", sort="final value")
 
     assert app.multiselect(key="runs").value == ["other", "base"]
@@ -309,8 +314,8 @@ def test_url_restores_selection(runs_dir, monkeypatch):
     assert app.selectbox(key="sort").value == "final value"
 
 
-def test_url_with_unknown_values_is_ignored(runs_dir, monkeypatch):
-    app = open_app(runs_dir, monkeypatch, view="nope", run=["../../etc", "base"], metric="1; DROP TABLE x")
+def test_url_with_unknown_values_is_ignored(recorded_runs, monkeypatch):
+    app = open_app(recorded_runs, monkeypatch, view="nope", run=["../../etc", "base"], metric="1; DROP TABLE x")
 
     assert app.radio(key="view").value == "runs"
     assert app.multiselect(key="runs").value == ["base"]
@@ -338,8 +343,8 @@ def test_live_run_refresh_keeps_selection(tmp_path, monkeypatch):
         assert app.selectbox(key="refresh").value == 2
 
 
-def test_bad_files_are_skipped_with_warning(runs_dir, tmp_path, monkeypatch):
-    shutil.copytree(runs_dir / "base", tmp_path / "base")
+def test_bad_files_are_skipped_with_warning(recorded_runs, tmp_path, monkeypatch):
+    shutil.copytree(recorded_runs / "base", tmp_path / "base")
     part_dir = tmp_path / "base" / "filters" / "rank=0"
     (part_dir / "part-000900.parquet").write_bytes(b"PAR1 not really parquet")
     (part_dir / "part-000901.parquet").write_bytes(b"")
@@ -368,9 +373,9 @@ def test_empty_and_missing_runs_dir(tmp_path, monkeypatch):
         assert str(root.resolve()) in snippet
 
 
-def test_html_in_run_name_is_text(runs_dir, tmp_path, monkeypatch):
+def test_html_in_run_name_is_text(recorded_runs, tmp_path, monkeypatch):
     name = "<img src=x onerror=alert(1)>"
-    shutil.copytree(runs_dir / "base", tmp_path / "evil")
+    shutil.copytree(recorded_runs / "base", tmp_path / "evil")
     meta = json.loads((tmp_path / "evil" / "run.json").read_text())
     meta["name"] = name
     (tmp_path / "evil" / "run.json").write_text(json.dumps(meta))
@@ -382,11 +387,11 @@ def test_html_in_run_name_is_text(runs_dir, tmp_path, monkeypatch):
     assert not app.get("html"), "no raw HTML element may carry user data"
 
 
-def test_scalars_wall_time_axis(runs_dir, monkeypatch):
-    app = open_app(runs_dir, monkeypatch, view="scalars", run="base", scalar="loss", x="wall_time")
+def test_scalars_wall_time_axis(recorded_runs, monkeypatch):
+    app = open_app(recorded_runs, monkeypatch, view="scalars", run="base", scalar="loss", x="wall_time")
     trace = figures(app)[0]["data"][0]
 
-    scalars = merged_scalars(runs_dir / "base")
+    scalars = merged_scalars(recorded_runs / "base")
     expected = scalars["wall_time"] - scalars["wall_time"].min()
     np.testing.assert_allclose(decode(trace["x"]), expected.to_numpy(), rtol=1e-9, atol=1e-6)
     assert figures(app)[0]["layout"]["xaxis"]["title"]["text"].startswith("wall time")
@@ -419,16 +424,16 @@ def test_part_cache_is_bounded_by_rows():
     assert cache.get(("part-49", "basic")) is not None
 
 
-def test_step_buckets_when_cells_exceed_limit(runs_dir, monkeypatch):
+def test_step_buckets_when_cells_exceed_limit(recorded_runs, monkeypatch):
     from dashboard import queries
 
     # 3 layers x 4 columns: 12 steps are merged into buckets of 3 steps.
     monkeypatch.setattr(queries, "MAX_CELLS", 12)
-    app = open_app(runs_dir, monkeypatch, view="layers", run="base", metric="out_rms")
+    app = open_app(recorded_runs, monkeypatch, view="layers", run="base", metric="out_rms")
     figure = figures(app)[0]
     heat = figure["data"][0]
 
-    filters = read_table(runs_dir / "base", "filters")
+    filters = read_table(recorded_runs / "base", "filters")
     filters["bucket"] = filters["step"] // 3 * 3
     expected = filters.groupby(["layer", "bucket"])["out_rms"].mean().unstack("bucket")
     assert decode(heat["x"]).tolist() == [0, 3, 6, 9]
@@ -444,3 +449,36 @@ def test_step_buckets_when_cells_exceed_limit(runs_dir, monkeypatch):
     expected = layer.groupby(["filter", "bucket"])["out_rms"].mean().unstack("bucket")
     assert decode(heat["x"]).tolist() == [0, 6]
     np.testing.assert_allclose(decode(heat["z"]), expected.to_numpy(), rtol=1e-5)
+
+
+def test_runs_view_shows_interrupted(recorded_runs, tmp_path, monkeypatch):
+    shutil.copytree(recorded_runs / "base", tmp_path / "stale")
+    meta = json.loads((tmp_path / "stale" / "run.json").read_text())
+    meta.update(status="running", heartbeat=meta["created"] - 3600)
+    (tmp_path / "stale" / "run.json").write_text(json.dumps(meta))
+
+    app = open_app(tmp_path, monkeypatch, view="runs")
+    table = app.dataframe[0].value.set_index("name")
+    assert table.loc["base", "status"] == "interrupted"
+
+
+def test_ranks_are_pooled(tmp_path, monkeypatch):
+    from probe import store
+    from probe.writer import RunWriter
+
+    layers = [{"name": "conv", "type": "Conv2d", "filters": 2, "depth": 0}]
+    run_dir = store.create_run(tmp_path / "ddp", {"config": {}, "layers": layers, "world_size": 2})
+    values = {0: [1.0, 2.0], 1: [4.0, 8.0]}
+    for rank, gains in values.items():
+        writer = RunWriter(run_dir, layers, rank=rank)
+        for step in range(3):
+            rows = np.zeros((2, 9), dtype=np.float32)
+            rows[:, 0] = np.array(gains) * (step + 1)
+            writer.add_filters(step, rows)
+            writer.add_scalars({"step": step, "wall_time": float(step), "batch_size": 4, "samples_per_s": 1.0})
+        writer.close()
+
+    for statistic, expected in (("mean", 15 / 4), ("max", 8.0), ("min", 1.0)):
+        app = open_app(tmp_path, monkeypatch, view="layers", run="ddp", metric="gain", stat=statistic)
+        z = decode(figures(app)[0]["data"][0]["z"])
+        np.testing.assert_allclose(z[0], [expected, 2 * expected, 3 * expected], err_msg=statistic)
