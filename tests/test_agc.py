@@ -89,14 +89,18 @@ def test_formula_by_hand():
     torch.testing.assert_close(output[0, 0], expected)
 
 
-def test_channels_last_keeps_layout_and_values():
+@pytest.mark.parametrize(
+    "shape, memory_format",
+    [((2, 4, 5, 6), torch.channels_last), ((2, 4, 3, 5, 6), torch.channels_last_3d)],
+)
+def test_channels_last_keeps_layout_and_values(shape, memory_format):
     layer = AutoGainControl(4)
-    z = torch.randn(2, 4, 5, 6)
-    z_last = z.to(memory_format=torch.channels_last)
+    z = torch.randn(shape)
+    z_last = z.to(memory_format=memory_format)
 
     output = layer(z_last)
 
-    assert output.is_contiguous(memory_format=torch.channels_last)
+    assert output.is_contiguous(memory_format=memory_format)
     torch.testing.assert_close(output, layer(z))
 
 
@@ -295,3 +299,18 @@ def test_fused_and_plain_backward_agree(variant):
     for name, fused, plain, expected_grad in zip(names, grads_fused, grads_plain, expected_grads):
         torch.testing.assert_close(fused, expected_grad, rtol=1e-9, atol=1e-10, msg=f"fused grad {name}")
         torch.testing.assert_close(plain, expected_grad, rtol=1e-9, atol=1e-10, msg=f"plain grad {name}")
+
+
+def test_in_place_rejects_leaf_input():
+    layer = AutoGainControlLeakyReLU(4)
+    z = torch.randn(2, 4, 3, 3, requires_grad=True)
+
+    with pytest.raises(ValueError, match="writes its output over its input"):
+        layer(z)
+
+
+def test_empty_input_rejected():
+    layer = AutoGainControl(4)
+
+    with pytest.raises(ValueError, match=r"empty input of shape \(0, 4, 3, 3\)"):
+        layer(torch.randn(0, 4, 3, 3))

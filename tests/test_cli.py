@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from probe import list_runs, open_run
-from probe.cli import build_parser, dashboard_app_path, dashboard_command, main
+from probe.cli import build_parser, dashboard_app_path, dashboard_command, main, summary_rows
+from probe.train import TrainConfig, TrainResult
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -155,6 +156,23 @@ def test_train_command_prints_summary(tmp_path, capsys):
 # --- demo ---------------------------------------------------------------------------------
 
 
+def test_demo_summary_averages_seeds():
+    def result(norm, seed, accuracy, time_s):
+        config = TrainConfig(norm=norm, batch_size=64, seed=seed)
+        return TrainResult(config, accuracy, 0.1, 10, time_s, None)
+
+    results = [result("agc", 0, 0.90, 10.0), result("agc", 1, 0.96, 14.0),
+               result("batchnorm", 0, 0.50, 8.0)]
+    rows = summary_rows(results)
+
+    assert [row["norm"] for row in rows] == ["agc", "batchnorm"]
+    assert rows[0]["seeds"] == 2
+    assert rows[0]["mean test accuracy"] == "93.0%"
+    assert rows[0]["min-max"] == "90.0-96.0%"
+    assert rows[0]["mean time (s)"] == "12.0"
+    assert rows[1]["mean test accuracy"] == "50.0%"
+
+
 @pytest.mark.slow
 def test_demo_quick_trains_five_runs(tmp_path, capsys):
     argv = ["demo", "--quick", "--runs-dir", str(tmp_path), "--threads", "1", "--no-progress"]
@@ -162,20 +180,25 @@ def test_demo_quick_trains_five_runs(tmp_path, capsys):
     assert status == 0
 
     runs = {run.name: run for run in list_runs(tmp_path)}
-    expected = {"demo-agc-b64", "demo-batchnorm-b64", "demo-none-b64", "demo-agc-b1",
-                "demo-batchnorm-b1"}
+    expected = {"demo-agc-b64-s0", "demo-batchnorm-b64-s0", "demo-none-b64-s0",
+                "demo-agc-b1-s0", "demo-batchnorm-b1-s0"}
     assert set(runs) == expected
     for run in runs.values():
         assert run.status == "finished"
 
-    table = [line for line in out.splitlines() if line.startswith("| ")]
-    assert len(table) == 1 + 5
-    assert "test accuracy" in table[0]
-    assert "time (s)" in table[0]
-    for row in table[1:]:
-        cells = [cell.strip() for cell in row.strip("|").split("|")]
-        assert cells[3] == "500", row
-        assert cells[5].endswith("%"), row
+    rows = [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in out.splitlines() if line.startswith("| ")]
+    per_run_header = rows[0]
+    assert per_run_header[:5] == ["norm", "batch", "seed", "epochs", "train images"]
+    assert "test accuracy" in per_run_header
+    assert "time (s)" in per_run_header
+    for cells in rows[1:6]:
+        assert cells[4] == "500", cells
+        assert cells[per_run_header.index("test accuracy")].endswith("%"), cells
+
+    summary_header = rows[6]
+    assert summary_header[:4] == ["norm", "batch", "seeds", "mean test accuracy"]
+    assert len(rows) == 6 + 1 + 5
 
 
 # --- dashboard server ---------------------------------------------------------------------

@@ -225,3 +225,44 @@ def test_eval_batch_norm_gain_uses_running_variance(runs_dir, conv_bn_relu_net):
 
     expected = torch.tensor([2.0, 1.0, 3.0]) / torch.sqrt(torch.tensor([4.0, 0.25, 1.0]) + 1e-5)
     np.testing.assert_allclose(frame["gain"].to_numpy(), expected.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["agc-relu", "agc-leaky-relu-in-place"])
+def test_agc_layer_metrics_match_reference(runs_dir, fused):
+    from probe.agc import AutoGainControl, AutoGainControlLeakyReLU
+
+    conv = nn.Conv2d(2, 3, 3, padding=1, bias=False)
+    norm = AutoGainControlLeakyReLU(3, negative_slope=0.1) if fused else AutoGainControl(3)
+    layers = [conv, norm] if fused else [conv, norm, nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(3 * 5 * 5, 2))
+    x = torch.randn(4, 2, 5, 5)
+
+    # Reference: the plain AGC formula on a copy of the weights; the gain is the batch mean
+    # of |scale| * g for the in-place layer and weight * g for the plain one.
+    with torch.no_grad():
+        z = F.conv2d(x, conv.weight, padding=1)
+        weight = norm.weight.abs() + norm.eps if fused else norm.weight
+        normalised = probe.agc.auto_gain_control_reference(z, weight, norm.bias,
+                                                           norm.mean_scale_logit, norm.eps)
+        a = torch.sigmoid(norm.mean_scale_logit)[None, :, None, None]
+        centred = z - a * z.mean(dim=(2, 3), keepdim=True)
+        g = torch.rsqrt(centred.pow(2).mean(dim=(2, 3)) + norm.eps)  # [N, C]
+        expected_gain = (weight[None, :] * g).mean(0)
+        activated = F.leaky_relu(normalised, 0.1) if fused else F.relu(normalised)
+
+    with probe.Probe(model, run_dir=runs_dir / "agc") as p:
+        model(x).sum().backward()
+        p.step()
+    run = probe.open_run(p.run_dir)
+    frame = run.filters(layers=["0"]).sort_values("filter")
+
+    assert run.meta["layers"][0]["normaliser"] == "1"
+    assert run.meta["layers"][0]["activation"] == ("1" if fused else "2")
+    np.testing.assert_allclose(frame["gain"], expected_gain.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(frame["out_rms"],
+                               normalised.pow(2).mean(dim=(0, 2, 3)).sqrt().numpy(), rtol=1e-4)
+    np.testing.assert_allclose(frame["out_mean"], normalised.mean(dim=(0, 2, 3)).numpy(),
+                               rtol=1e-4, atol=1e-6)
+    expected_sparsity = (activated <= 0).float().mean(dim=(0, 2, 3)) if fused else \
+        (activated == 0).float().mean(dim=(0, 2, 3))
+    np.testing.assert_allclose(frame["sparsity"], expected_sparsity.numpy(), rtol=1e-6)
