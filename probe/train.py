@@ -274,11 +274,11 @@ def _training_subset(
     return dataset.train_x[chosen], dataset.train_y[chosen]
 
 
-def _check_choice(what: str, value, choices: tuple) -> None:
+def _check_choice(setting: str, value, choices: tuple) -> None:
     if value not in choices:
-        raise ValueError(f"invalid {what} {value!r}: expected one of {', '.join(choices)}")
+        raise ValueError(f"invalid {setting} {value!r}: expected one of {', '.join(choices)}")
 
 
-def _check_positive(what: str, value) -> None:
+def _check_positive(setting: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"invalid {what} {value!r}: expected a positive integer")
+        raise ValueError(f"invalid {setting} {value!r}: expected a positive integer")
