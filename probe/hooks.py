@@ -175,10 +175,12 @@ class LayerHooks:
 
         values = stats.channels_second(output.detach(), spec.channel_dim)
         accumulator = self.accumulator(spec, values)
+        # Until a normaliser is seen (or when there is none) the raw output is what the
+        # activation gets; the normaliser's hook resets these sums when it shows up.
         if spec.normaliser is None:
             add_output_sums(self.kernels, accumulator, values)
-        if spec.activation is None:
-            add_pre_activation_sums(self.kernels, accumulator, values)
+            if spec.activation is None:
+                add_pre_activation_sums(self.kernels, accumulator, values)
         self.remember(output, spec, "raw")
 
         if output.requires_grad:

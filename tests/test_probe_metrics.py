@@ -266,3 +266,42 @@ def test_agc_layer_metrics_match_reference(runs_dir, fused):
     expected_sparsity = (activated <= 0).float().mean(dim=(0, 2, 3)) if fused else \
         (activated == 0).float().mean(dim=(0, 2, 3))
     np.testing.assert_allclose(frame["sparsity"], expected_sparsity.numpy(), rtol=1e-6)
+
+
+class ResidualBlock(nn.Module):
+    """conv -> batch norm -> (+ input) -> ReLU: the convolution has no activation of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(3)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.bn(self.conv(x)) + x)
+
+
+def test_normaliser_without_activation_sparsity(runs_dir):
+    model = ResidualBlock()
+    x = torch.randn(4, 3, 5, 5)
+    with torch.no_grad():
+        z = F.conv2d(x, model.conv.weight, padding=1)
+        mean = z.mean(dim=(0, 2, 3), keepdim=True)
+        var = z.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        y = (z - mean) / torch.sqrt(var + model.bn.eps)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    with probe.Probe(model, run_dir=runs_dir / "residual") as p:
+        for _ in range(3):  # later steps run with the layer map already known
+            optimizer.zero_grad()
+            model(x).sum().backward()
+            optimizer.step()
+            p.step()
+    run = probe.open_run(p.run_dir)
+    frame = run.filters(layers=["conv"]).sort_values(["step", "filter"])
+
+    assert run.meta["layers"][0]["activation"] is None
+    expected = (y <= 0).float().mean(dim=(0, 2, 3)).numpy()
+    for step in range(3):
+        got = frame[frame["step"] == step]["sparsity"].to_numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-6, err_msg=f"step {step}")
