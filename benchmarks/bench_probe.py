@@ -1,12 +1,14 @@
 """Probe overhead on a training step: the same loop with and without the probe, A/B alternated.
 
-Run:  python benchmarks/bench_probe.py            (about 4 minutes on 2 CPU cores)
+Run:  python benchmarks/bench_probe.py            (about 3 minutes on 2 CPU cores)
       python benchmarks/bench_probe.py --quick    (a smoke run)
 
 Each round times a block of steps without the probe, with the probe recording every step, and
-with the probe recording every 10th step, in rotating order, on one model and optimiser. The
-table shows the median step time of each configuration over all rounds and its ratio to the
-median without the probe measured in the same run.
+with the probe recording every 10th step, in rotating order, on one model and optimiser. A
+block's cost is its mean step time, so the recorded steps of "every 10th step" count at their
+share. The table shows, per configuration, the median over rounds of that mean and its ratio
+to the same figure without the probe, measured in the same run; the last column splits out the
+median time of recorded steps.
 """
 
 import argparse
@@ -28,8 +30,9 @@ TARGETS = {"probe, every step": 1.05, "probe, every 10th step": 1.01}
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64, help="samples per step")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per block")
-    parser.add_argument("--rounds", type=int, default=5, help="A/B rounds")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="timed steps per block (a multiple of 10)")
+    parser.add_argument("--rounds", type=int, default=7, help="A/B rounds")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 4 steps")
@@ -42,12 +45,16 @@ def synchronize(device):
 
 
 def time_block(model, optimizer, batches, device, probe_every, run_root):
-    """Return the per-step seconds of one block; the probe is attached only inside the block."""
+    """Return the per-step seconds of one block; the probe is attached only inside the block.
+
+    `batches` must hold at least 10 batches."""
     p = None
     if probe_every is not None:
         p = probe.Probe(model, run_dir=run_root / "bench", every=probe_every, if_exists="new")
+    # The first 10 steps are not timed: they contain the probe's one-time layer discovery, so
+    # the timed steps hold recorded steps in the steady proportion (1 in `probe_every`).
     seconds = []
-    for x, y in batches:
+    for index, (x, y) in enumerate(batches[-10:] + batches):
         synchronize(device)
         start = time.perf_counter()
         loss = F.cross_entropy(model(x), y)
@@ -57,7 +64,8 @@ def time_block(model, optimizer, batches, device, probe_every, run_root):
         if p is not None:
             p.step(loss=loss, lr=0.05)
         synchronize(device)
-        seconds.append(time.perf_counter() - start)
+        if index >= 10:
+            seconds.append(time.perf_counter() - start)
     if p is not None:
         p.close()
     return seconds
@@ -66,7 +74,7 @@ def time_block(model, optimizer, batches, device, probe_every, run_root):
 def main():
     args = parse_args()
     if args.quick:
-        args.rounds, args.steps = 2, 4
+        args.rounds, args.steps = 2, 10
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -82,7 +90,8 @@ def main():
         time_block(model, optimizer, batches[:3], args.device, None, Path(tmp))
         time_block(model, optimizer, batches[:3], args.device, 1, Path(tmp))
 
-    medians = {name: [] for name in configs}
+    block_means = {name: [] for name in configs}
+    recorded_steps = {name: [] for name in configs}
     with tempfile.TemporaryDirectory() as tmp:
         names = list(configs)
         for round_index in range(args.rounds):
@@ -90,19 +99,24 @@ def main():
             for name in order:
                 seconds = time_block(model, optimizer, batches, args.device, configs[name],
                                      Path(tmp))
-                medians[name].append(statistics.median(seconds))
+                block_means[name].append(statistics.fmean(seconds))
+                every = configs[name] or 1
+                recorded_steps[name].extend(seconds[::every])
 
     layers = sum(1 for m in model.modules() if isinstance(m, probe.probe.nn.Conv2d))
     print(f"ResNet-style CNN ({layers} convs), batch {args.batch}, 32x32, device {args.device}, "
           f"{args.threads} threads, {args.rounds} rounds x {args.steps} steps, "
           f"torch {torch.__version__}, {platform.processor() or platform.machine()}")
-    print(f"{'configuration':<26}{'median step ms':>16}{'ratio':>10}{'target':>10}")
-    baseline = statistics.median(medians["no probe"])
+    print(f"{'configuration':<26}{'mean step ms':>14}{'ratio':>9}{'target':>10}"
+          f"{'recorded step ms':>18}")
+    baseline = statistics.median(block_means["no probe"])
     for name in configs:
-        median = statistics.median(medians[name])
+        mean = statistics.median(block_means[name])
         target = TARGETS.get(name)
         target_text = f"<= {target:.2f}" if target else ""
-        print(f"{name:<26}{median * 1e3:>16.1f}{median / baseline:>10.3f}{target_text:>10}")
+        recorded = statistics.median(recorded_steps[name]) * 1e3
+        print(f"{name:<26}{mean * 1e3:>14.1f}{mean / baseline:>9.3f}{target_text:>10}"
+              f"{recorded:>18.1f}")
 
 
 if __name__ == "__main__":
