@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, replace
@@ -242,6 +243,8 @@ def _run_start(args) -> int:
         print(f"No runs in {runs_dir} yet: training the demo comparison first.")
         run_demo(runs_dir, seeds=DEMO_SEEDS, threads=args.threads, progress=not args.no_progress)
     else:
+        print(f"{runs_dir} already holds runs, so the demo is not trained again "
+              "(run `deepcontrol demo` to train it anyway):")
         print_runs_table(runs_dir)
 
     app = dashboard_app_path()
@@ -449,9 +452,10 @@ def dashboard_command(app: Path, port: int) -> list[str]:
 
 
 def serve_dashboard(app: Path, runs_dir: Path, port: int) -> int:
-    """Run Streamlit in a child process until it exits or Ctrl+C; return its exit status.
+    """Run Streamlit in a child process until it exits, Ctrl+C or SIGTERM; return its status.
 
     The app reads the runs folder from the ``DEEPCONTROL_RUNS_DIR`` environment variable.
+    SIGTERM to this process stops the child too, so killing this PID stops the server.
     """
     env = dict(os.environ, **{RUNS_DIR_ENV: str(runs_dir.resolve())})
     command = dashboard_command(app, port)
@@ -459,17 +463,29 @@ def serve_dashboard(app: Path, runs_dir: Path, port: int) -> int:
     logger.info("starting %s", " ".join(command))
 
     server = subprocess.Popen(command, env=env, cwd=app.parent.parent)
+    previous_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         return server.wait()
     except KeyboardInterrupt:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        _stop_child(server)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        if server.poll() is None:
+            _stop_child(server)
 
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _stop_child(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -390,6 +390,9 @@ class Run:
             where.append("step BETWEEN $first AND $last")
             params.update(first=int(first), last=int(last))
         if layers is not None:
+            if isinstance(layers, str):
+                layers = [layers]
+            self._check_layer_names(layers, params["order"])
             where.append("list_contains($layers, layer)")
             params["layers"] = [str(name) for name in layers]
         if ranks is not None:
@@ -405,6 +408,16 @@ class Run:
         if frame.empty and len(frame.columns) == 0:
             return _empty_filters_frame()
         return _order_columns(frame, list(schema.FILTER_KEYS) + list(schema.METRICS) + ["rank"])
+
+    def _check_layer_names(self, requested: list[str], known: list[str]) -> None:
+        """Raise ValueError naming requested layers that run.json does not list."""
+        if not known:  # a run that stopped before its first recorded step lists no layers
+            return
+        unknown = [name for name in requested if str(name) not in known]
+        if unknown:
+            raise ValueError(
+                f"layer(s) {unknown} not found in run {self.name}; its layers are {known}"
+            )
 
     def scalars(self, rank: int = 0) -> pd.DataFrame:
         """Per-step scalars of one rank, one row per step ordered by step.

@@ -268,3 +268,27 @@ def test_start_with_runs_serves_dashboard(tmp_path):
     assert f"http://127.0.0.1:{port}" in out
     assert status == 130
     assert [run.name for run in list_runs(runs_dir)] == ["existing"]
+
+
+@pytest.mark.slow
+def test_dashboard_sigterm_stops_server(tmp_path):
+    """Killing the `deepcontrol dashboard` PID with SIGTERM also stops its Streamlit child."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "probe.cli", "dashboard", str(tmp_path / "runs"), "--port", str(port)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    try:
+        healthy = wait_for_health(port, server)
+        server.send_signal(signal.SIGTERM)
+        status = server.wait(timeout=30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+    assert healthy, server.stdout.read()
+    assert status == 130
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2)

@@ -225,3 +225,14 @@ def test_ddp_two_processes_write_one_partition_each(runs_dir, tmp_path):
     assert conv.groupby("rank")["active_samples"].max().tolist() == [3, 4]
     for rank in (0, 1):
         assert (run.path / "filters" / f"rank={rank}").is_dir()
+
+
+def test_unknown_layer_name_rejected(runs_dir):
+    model = small_model()
+    with probe.Probe(model, run_dir=runs_dir / "names") as p:
+        run_steps(p, model, 1)
+    run = probe.open_run(p.run_dir)
+
+    with pytest.raises(ValueError, match=r"\['stage1.conv'\] not found .* its layers are \['0', '5'\]"):
+        run.filters(layers=["stage1.conv"])
+    assert len(run.filters(layers="0")) == 4
