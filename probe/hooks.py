@@ -9,6 +9,7 @@ import logging
 import weakref
 from functools import partial
 
+import numpy as np
 import torch
 
 from probe import stats
@@ -17,10 +18,36 @@ from probe.discovery import (ACTIVATION_TYPES, PASS_THROUGH_TYPES, RELU_FAMILY_T
 
 logger = logging.getLogger(__name__)
 
-OUT_COLUMNS = [stats.SUM_INDEX[n] for n in ("out_sum", "out_sumsq", "out_count")]
-SPARSITY_COLUMNS = [stats.SUM_INDEX[n] for n in ("inactive_count", "sparsity_count",
-                                                 "active_samples")]
+OUT_SUMS = ("out_sum", "out_sumsq", "out_count")
+SPARSITY_SUMS = ("inactive_count", "sparsity_count", "active_samples")
 COL = stats.SUM_INDEX
+# Sums that are the same for every filter of a layer: kept as Python numbers during the step.
+COUNT_SUMS = ("gain_count", "out_count", "sparsity_count")
+
+
+class LayerSums:
+    """One layer's partial sums in a step: row views of the shared table, plus the count sums
+    (equal for all filters) as Python numbers, written into the table when the step ends."""
+
+    __slots__ = ("rows", "counts")
+
+    def __init__(self, table_view):
+        self.rows = table_view.unbind(0)
+        self.counts = dict.fromkeys(COUNT_SUMS, 0.0)
+
+    def add(self, name, value):
+        self.rows[COL[name]].add_(value)
+
+    def count(self, name, amount):
+        self.counts[name] += amount
+
+    def reset(self, names):
+        for name in names:
+            if name in self.counts:
+                self.counts[name] = 0.0
+            else:
+                self.rows[COL[name]].zero_()
+
 
 
 def current_graph_task_id():
@@ -43,7 +70,7 @@ class StepState:
             self.offsets[spec.index] = (start, start + spec.filters)
             start += spec.filters
         self.total_filters = start
-        self.accumulators = {}  # layer index -> view of `table` [len(stats.SUMS), C]
+        self.accumulators = {}  # layer index -> LayerSums over its slice of `table`
         self.recorded_outside_backward = set()  # layer indices seen in a normal forward
         self.recorded = set()  # layer indices whose forward was recorded in this step
         self.flow = {}  # id(tensor) -> (weak reference, LayerSpec, stage)
@@ -54,6 +81,8 @@ class StepState:
     def clear(self):
         if self.table is not None:
             self.table.zero_()
+        for sums in self.accumulators.values():
+            sums.counts = dict.fromkeys(COUNT_SUMS, 0.0)
         self.recorded_outside_backward.clear()
         self.recorded.clear()
         self.flow.clear()
@@ -148,7 +177,7 @@ class LayerHooks:
             state.table = torch.zeros(len(stats.SUMS), state.total_filters, dtype=torch.float32,
                                       device=like.device)
             for index, (start, stop) in state.offsets.items():
-                state.accumulators[index] = state.table[:, start:stop]
+                state.accumulators[index] = LayerSums(state.table[:, start:stop])
         return state.accumulators[spec.index]
 
     def remember(self, tensor, spec, stage):
@@ -175,8 +204,8 @@ class LayerHooks:
 
         values = stats.channels_second(output.detach(), spec.channel_dim)
         accumulator = self.accumulator(spec, values)
-        # Until a normaliser is seen (or when there is none) the raw output is what the
-        # activation gets; the normaliser's hook resets these sums when it shows up.
+        # Until a normaliser is seen, or when there is none, the raw output is what the
+        # activation gets. The normaliser's hook resets these sums when it shows up.
         if spec.normaliser is None:
             add_output_sums(self.kernels, accumulator, values)
             if spec.activation is None:
@@ -203,8 +232,7 @@ class LayerHooks:
         accumulator = self.state.accumulators[spec.index]
         if spec.normaliser is None:
             spec.normaliser, spec.normaliser_name = module, self.module_name(module)
-            accumulator[OUT_COLUMNS] = 0
-            accumulator[SPARSITY_COLUMNS] = 0
+            accumulator.reset(OUT_SUMS + SPARSITY_SUMS)
             if fused_activation(module):
                 spec.activation, spec.activation_name = module, spec.normaliser_name
         if spec.normaliser is not module:
@@ -230,7 +258,7 @@ class LayerHooks:
         accumulator = self.state.accumulators[spec.index]
         if spec.activation is None:
             spec.activation, spec.activation_name = module, self.module_name(module)
-            accumulator[SPARSITY_COLUMNS] = 0
+            accumulator.reset(SPARSITY_SUMS)
         if spec.activation is not module:
             return
 
@@ -260,8 +288,8 @@ class LayerHooks:
         values = stats.channels_second(grad, spec.channel_dim)
         signal_sum, signal_sumsq = self.kernels.gradient_signal_sums(values)
         accumulator = self.state.accumulators[spec.index]
-        accumulator[COL["signal_sum"]] += signal_sum
-        accumulator[COL["signal_sumsq"]] += signal_sumsq
+        accumulator.add("signal_sum", signal_sum)
+        accumulator.add("signal_sumsq", signal_sumsq)
 
     def on_weight_grad(self, spec, weight):
         if not self.recording:
@@ -289,10 +317,21 @@ class LayerHooks:
         if state.table is None or not any(mask):
             return None, mask
 
+        self.write_counts()
         norms = torch.cat([self.weight_norms(spec) for spec in self.layers_by_index], dim=1)
         metrics = stats.finalize_metrics(state.table, *norms.to(state.table.device))
         rows = self.row_order(tuple(mask), metrics.device)
         return metrics.index_select(0, rows), mask
+
+    def write_counts(self):
+        """Copy each layer's count sums into its columns of the table, one copy per sum."""
+        state = self.state
+        filters = [spec.filters for spec in self.layers_by_index]
+        for name in COUNT_SUMS:
+            per_layer = [state.accumulators[spec.index].counts[name]
+                         for spec in self.layers_by_index]
+            values = torch.from_numpy(np.repeat(np.asarray(per_layer, np.float32), filters))
+            state.table[COL[name]].copy_(values)
 
     def weight_norms(self, spec):
         """Return [3, C]: grad norm, weight norm and update norm of each filter of `spec`."""
@@ -326,35 +365,42 @@ class LayerHooks:
         self.recording = recording
 
 
+def channel_count(values):
+    """Return the values per filter of a ``[N, C, *positions]`` tensor."""
+    return values.numel() / max(values.shape[1], 1)
+
+
 def add_output_sums(kernels, accumulator, values):
     total, sumsq = kernels.output_sums(values)
-    accumulator[COL["out_sum"]] += total
-    accumulator[COL["out_sumsq"]] += sumsq
-    accumulator[COL["out_count"]] += values.numel() / max(values.shape[1], 1)
+    accumulator.add("out_sum", total)
+    accumulator.add("out_sumsq", sumsq)
+    accumulator.count("out_count", channel_count(values))
 
 
 def add_pre_activation_sums(kernels, accumulator, pre_values, post_values=None):
     """Add sparsity sums for an activation that is not ReLU-like (or none): values <= 0 count
     as inactive, and a sample is active where the post-activation map has a non-zero value."""
-    post_values = pre_values if post_values is None else post_values
-    inactive, active = kernels.nonpositive_sums(pre_values, post_values)
-    accumulator[COL["inactive_count"]] += inactive
-    accumulator[COL["sparsity_count"]] += pre_values.numel() / max(pre_values.shape[1], 1)
-    accumulator[COL["active_samples"]] += active
+    if post_values is None or post_values is pre_values:
+        inactive, active = kernels.nonpositive_sums(pre_values)
+    else:
+        inactive = kernels.nonpositive_count(pre_values)
+        active = kernels.zero_sums(post_values)[1]
+    accumulator.add("inactive_count", inactive)
+    accumulator.count("sparsity_count", channel_count(pre_values))
+    accumulator.add("active_samples", active)
 
 
 def add_relu_family_sums(kernels, accumulator, values):
-    nonzero, active = kernels.nonzero_sums(values)
-    count = values.numel() / max(values.shape[1], 1)
-    accumulator[COL["inactive_count"]] += count - nonzero
-    accumulator[COL["sparsity_count"]] += count
-    accumulator[COL["active_samples"]] += active
+    zeros, active = kernels.zero_sums(values)
+    accumulator.add("inactive_count", zeros)
+    accumulator.count("sparsity_count", channel_count(values))
+    accumulator.add("active_samples", active)
 
 
 def add_batch_norm_sums(kernels, accumulator, norm, raw_values, output, out_values, samples):
     gain, batch_variance = stats.batch_norm_gain(kernels, norm, raw_values, output)
-    accumulator[COL["gain_sum"]] += gain * samples
-    accumulator[COL["gain_count"]] += samples
+    accumulator.add("gain_sum", gain * samples)
+    accumulator.count("gain_count", samples)
 
     if batch_variance is None:
         add_output_sums(kernels, accumulator, out_values)
@@ -363,17 +409,17 @@ def add_batch_norm_sums(kernels, accumulator, norm, raw_values, output, out_valu
     # With batch statistics the normalised output has mean `bias` and mean square
     # gain^2 * var + bias^2 exactly, which saves a pass over the output.
     bias = norm.bias.detach().float() if norm.bias is not None else torch.zeros_like(gain)
-    count = out_values.numel() / max(out_values.shape[1], 1)
-    accumulator[COL["out_sum"]] += bias * count
-    accumulator[COL["out_sumsq"]] += (gain.square() * batch_variance + bias.square()) * count
-    accumulator[COL["out_count"]] += count
+    count = channel_count(out_values)
+    accumulator.add("out_sum", bias * count)
+    accumulator.add("out_sumsq", (gain.square() * batch_variance + bias.square()) * count)
+    accumulator.count("out_count", count)
 
 
 def add_agc_sums(kernels, accumulator, norm, out_values, samples):
     gain = getattr(norm, "last_gain", None)
     if gain is not None:
-        accumulator[COL["gain_sum"]] += gain.float() * samples
-        accumulator[COL["gain_count"]] += samples
+        accumulator.add("gain_sum", gain.float() * samples)
+        accumulator.count("gain_count", samples)
     if fused_activation(norm):
         # Leaky ReLU is invertible: the pre-activation is the output divided by the slope
         # where it is negative.

@@ -53,18 +53,30 @@ def _output_sums(values):
     return values.sum(dim=dims), values.square().sum(dim=dims)
 
 
-def _nonzero_sums(activated):
-    """Return (non-zero count, active samples) per filter of ``[N, C, *positions]``."""
-    dims = tuple(range(2, activated.dim()))
-    nonzero = (activated != 0).sum(dim=dims, dtype=torch.int32) if dims else \
-        (activated != 0).to(torch.int32)  # [N, C]
-    return nonzero.sum(dim=0), (nonzero > 0).sum(dim=0)
+def _per_sample_counts(condition):
+    """Sum a boolean ``[N, C, *positions]`` tensor over positions, as float32 ``[N, C]``."""
+    dims = tuple(range(2, condition.dim()))
+    counts = condition.to(torch.float32)
+    return counts.sum(dim=dims) if dims else counts
 
 
-def _nonpositive_sums(pre_activation, activated):
-    """Return (count of pre-activation values <= 0, active samples) per filter."""
-    inactive = (pre_activation <= 0).sum(dim=reduce_dims(pre_activation), dtype=torch.int32)
-    return inactive, _nonzero_sums(activated)[1]
+def _zero_sums(activated):
+    """Return (zero count, active samples) per filter of ``[N, C, *positions]``."""
+    zeros = _per_sample_counts(activated == 0)  # [N, C]
+    positions = activated[0, 0].numel()
+    return zeros.sum(dim=0), (zeros < positions).sum(dim=0)
+
+
+def _nonpositive_sums(values):
+    """Return (count of values <= 0, active samples) per filter, reading `values` once."""
+    nonpositive = _per_sample_counts(values <= 0).sum(dim=0)
+    nonzero = _per_sample_counts(values != 0)
+    return nonpositive, (nonzero > 0).sum(dim=0)
+
+
+def _nonpositive_count(pre_activation):
+    """Return the count per filter of pre-activation values <= 0."""
+    return _per_sample_counts(pre_activation <= 0).sum(dim=0)
 
 
 def _gradient_signal_sums(grad_output):
@@ -87,8 +99,8 @@ class Kernels:
     that fails to compile falls back to eager for the rest of the process, with one log line.
     """
 
-    NAMES = ("output_sums", "nonzero_sums", "nonpositive_sums", "gradient_signal_sums",
-             "batch_variance")
+    NAMES = ("output_sums", "zero_sums", "nonpositive_sums", "nonpositive_count",
+             "gradient_signal_sums", "batch_variance")
 
     def __init__(self, compiled):
         self.compiled = compiled
