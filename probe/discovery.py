@@ -1,9 +1,9 @@
 """Find the probed layers of a model and classify the modules that may follow them.
 
-Which normaliser and activation belong to a layer is decided while the model runs
-(`probe.hooks`): a layer's normaliser is the module that consumes the layer's output tensor, its
-activation the module that consumes the normaliser's output (or the layer's output when there is
-no normaliser), and dropout or identity modules in between are followed.
+Which normaliser and activation belong to a layer is decided while the model runs, in
+`probe.hooks`. A layer's normaliser is the module that consumes the layer's output tensor. Its
+activation is the module that consumes the normaliser's output, or the layer's output when
+there is no normaliser. Dropout and identity modules in between are followed.
 """
 
 import logging

@@ -7,7 +7,7 @@ Layout of one run folder::
     <run>/scalars/rank=<r>/part-<k>.parquet          one row per recorded step
 
 Parts are written as ``.part-<k>.parquet.tmp`` and renamed when complete, so a reader that only
-globs ``part-*.parquet`` never sees a partial file.
+globs ``part-*.parquet`` never reads a partial file.
 """
 
 FORMAT_VERSION = 1
