@@ -143,7 +143,9 @@ def test_internal_error_logged_once_training_continues(runs_dir, caplog):
         run_steps(p, model, 2)
         p.writer.flush()
         break_writer_folder(p.run_dir)
-        run_steps(p, model, 5)
+        run_steps(p, model, 2)
+        p.writer.flush()  # the writer thread has now tried the part and failed
+        run_steps(p, model, 3)
         assert p.error is not None
         assert p.hooks.handles == []
 
@@ -163,7 +165,9 @@ def test_internal_error_raises_in_strict_mode(runs_dir):
             run_steps(p, model, 2)
             p.writer.flush()
             break_writer_folder(p.run_dir)
-            run_steps(p, model, 5)
+            run_steps(p, model, 2)
+            p.writer.flush()
+            run_steps(p, model, 3)
 
 
 # DistributedDataParallel ------------------------------------------------------------------------
