@@ -104,7 +104,10 @@ def print_table(rows):
     for name, baseline, value, unit, target in rows:
         ratio = value / baseline
         target_text = "none" if target is None else f"<= {target}x"
-        met = "-" if target is None else ("yes" if ratio <= target else "no")
+        if target is None:
+            met = "-"
+        else:
+            met = "yes" if ratio <= target else "no"
         print(f"| {name} | {baseline:.4g} {unit} | {value:.4g} {unit} | {ratio:.3f}x | {target_text} | {met} |")
 
 

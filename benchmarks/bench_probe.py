@@ -7,8 +7,8 @@ Each round times a block of steps without the probe, with the probe recording ev
 with the probe recording every 10th step, in rotating order, on one model and optimiser. A
 block's cost is its mean step time, so the recorded steps of "every 10th step" count at their
 share. The table shows, per configuration, the median over rounds of that mean and its ratio
-to the same figure without the probe, measured in the same run; the last column splits out the
-median time of recorded steps.
+to the same figure without the probe, measured in the same run. The last column gives the
+median time of recorded steps alone.
 """
 
 import argparse

@@ -3,7 +3,7 @@
 On the first script run of a browser session the URL's values are copied into
 ``st.session_state``, where the widgets read them. After every run the current widget values
 are written back to the URL, so copying the address shares the exact view. Every value
-read from the URL is validated by the widget helpers below before a widget sees it, and run
+read from the URL is validated by the widget helpers below before a widget reads it, and run
 names are only ever matched against the runs that ``list_runs`` found.
 """
 
@@ -69,7 +69,7 @@ def remembered(key: str) -> Any:
 
 def save_to_url() -> None:
     """Write the current (or remembered) widget values to the URL."""
-    wanted: dict[str, list[str]] = {}
+    requested: dict[str, list[str]] = {}
     for key, name in URL_KEYS.items():
         if key in st.session_state:
             st.session_state[_shadow(key)] = st.session_state[key]
@@ -78,10 +78,10 @@ def save_to_url() -> None:
             continue
         if isinstance(value, bool):
             value = int(value)
-        wanted[name] = [str(v) for v in value] if isinstance(value, list) else [str(value)]
+        requested[name] = [str(v) for v in value] if isinstance(value, list) else [str(value)]
     current = {name: st.query_params.get_all(name) for name in st.query_params}
-    if current != wanted:
-        st.query_params.from_dict(wanted)
+    if current != requested:
+        st.query_params.from_dict(requested)
 
 
 def choose(key: str, options: Sequence, default: Any, convert=str) -> None:

@@ -18,7 +18,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-# Public names and the submodule that defines each; imported on first use so that
+# Public names and the submodule that defines each. They are imported on first use, so
 # `import probe` stays cheap and a failing optional part does not break the others.
 _EXPORTS = {
     "Probe": "probe.probe",

@@ -103,7 +103,7 @@ class Probe:
         config: JSON-serialisable values stored in run.json (hyperparameters, notes).
         strict: re-raise internal errors instead of logging them and stopping the recording.
         record_eval: also record forward passes under `torch.no_grad()` or in eval mode.
-        if_exists: what to do when `run_dir` holds a run already: "error", "resume" (append to
+        if_exists: what to do when `run_dir` contains a run already: "error", "resume" (append to
             it) or "new" (use `<run_dir>-2`, `-3`, ...).
         flush_every_steps, flush_every_s: write a Parquet part after this many recorded steps
             or seconds, whichever comes first. A crash loses at most the unwritten steps.

@@ -15,7 +15,7 @@ from probe import schema, store
 FLUSH_EVERY_STEPS = 5
 
 # A real tiny training loop with the Probe. After each step it prints the step index and the
-# highest step the writer has finished writing, which tells the test what was on disk before the kill.
+# highest step the writer has finished writing, so the test knows what was on disk before the kill.
 TRAINING_SCRIPT = textwrap.dedent(
     """
     import sys
